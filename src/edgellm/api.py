@@ -1,0 +1,89 @@
+"""The public API: `llm = edgellm.load(...)`, then generate / stream / chat / logits."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ModelConfig
+from .errors import ContextLengthError, InvalidArgumentError
+from .generate import GenerationStats, Generator, SamplingParams
+from .loading import LoadedModel, load_model
+from .model import Transformer
+from .tokenizer import Tokenizer
+
+Messages = list[dict[str, Any]]
+
+
+class LLM:
+    """A loaded model with its tokenizer. Create with `edgellm.load()`."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.model: Transformer = loaded.model
+        self.tokenizer: Tokenizer = loaded.tokenizer
+        self.config: ModelConfig = loaded.config
+        self.generator = Generator(self.model, self.tokenizer, self.config.max_seq_len)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def last_stats(self) -> GenerationStats:
+        """Timing and token counts of the most recent generate/stream/chat call."""
+        return self.generator.stats
+
+    def __repr__(self) -> str:
+        return f"LLM({self.loaded.source!r}, arch={self.config.arch}, dtype={self.dtype}, format={self.loaded.format})"
+
+    # ------------------------------------------------------------------ text generation
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
+
+    def stream(self, prompt: str | list[int], **sampling: Any) -> Iterator[str]:
+        """Yield the answer as it is generated, in UTF-8-safe text pieces."""
+        params = SamplingParams(**sampling).validate()
+        yield from self.generator.text_stream(self._prompt_ids(prompt), params)
+
+    def generate(self, prompt: str | list[str], **sampling: Any) -> str | list[str]:
+        """Complete one prompt (-> str) or several (-> list[str], run one after another)."""
+        if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+            return [self.generate(p, **sampling) for p in prompt]
+        return "".join(self.stream(prompt, **sampling))
+
+    def chat_prompt_ids(self, messages: Messages) -> list[int]:
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+            raise InvalidArgumentError("messages must be a list of {'role': ..., 'content': ...} dicts")
+        return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
+
+    def chat(self, messages: Messages, **sampling: Any) -> str:
+        """Answer a conversation using the checkpoint's chat template."""
+        return "".join(self.stream_chat(messages, **sampling))
+
+    def stream_chat(self, messages: Messages, **sampling: Any) -> Iterator[str]:
+        params = SamplingParams(**sampling).validate()
+        yield from self.generator.text_stream(self.chat_prompt_ids(messages), params)
+
+    # ------------------------------------------------------------------ scoring
+    @torch.inference_mode()
+    def logits(self, ids: list[int] | torch.Tensor) -> torch.Tensor:
+        """float32 logits (T, vocab) for a 1-D id sequence, one full causal forward pass (no cache)."""
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        if ids.ndim != 1 or ids.numel() == 0:
+            raise InvalidArgumentError("logits() takes a non-empty 1-D sequence of token ids")
+        if ids.numel() > self.config.max_seq_len:
+            raise ContextLengthError(f"{ids.numel()} tokens exceed the model's context of {self.config.max_seq_len}")
+        if int(ids.max()) >= self.config.vocab_size or int(ids.min()) < 0:
+            raise InvalidArgumentError(f"token ids must be in [0, {self.config.vocab_size})")
+        return self.model(ids[None])[0].float()
+
+
+def load(model: str | Path | None = None, dtype: str | torch.dtype = "bf16", rope_type: str | None = None) -> LLM:
+    """Load a model: None (bundled SmolLM2-135M-Instruct), a .gguf file, an HF folder or a hub id."""
+    return LLM(load_model(model, dtype=dtype, rope_type=rope_type))

@@ -1,0 +1,210 @@
+"""`edgellm VERB ...` — one verb per job. Errors on bad input print one line and exit with code 2."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import EdgeLLMError
+
+DEMO_PROMPTS = ["What is the meaning of life?", "Tell me something you don't know.", "What does Xilinx do?"]
+TIMING_HEADERS = ["Example#", "Prompt Length (tokens)", "New Tokens Generated", "Total Time (s)",
+                  "Prefill Phase (ms)", "Time/Token (ms)", "Tokens/Sec"]
+
+# Feature modules that add their own verbs: each exposes register(subparsers) -> None.
+FEATURE_MODULES: list[str] = []
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None,
+                   help="GGUF file, HF folder or hub id (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="compute dtype")
+    p.add_argument("--rope-type", "--rope_type", dest="rope_type", default=None,
+                   choices=["simple", "llama3.1", "llama3.2"], help="override the checkpoint's RoPE scaling")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", "-n", type=int, default=max_new_tokens)
+    g.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                seed=args.seed, stop=tuple(args.stop))
+
+
+def load_from_args(args: argparse.Namespace):
+    from .api import load
+
+    return load(args.model, dtype=args.dtype, rope_type=args.rope_type)
+
+
+# ---------------------------------------------------------------------------------------------- verbs
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompt = args.prompt if args.prompt not in (None, "-") else sys.stdin.read()
+    llm = load_from_args(args)
+    kwargs = sampling_kwargs(args)
+    pieces = llm.stream_chat([{"role": "user", "content": prompt}], **kwargs) if args.chat \
+        else llm.stream(prompt, **kwargs)
+    text = []
+    for piece in pieces:
+        text.append(piece)
+        if not args.json:
+            print(piece, end="", flush=True)
+    s = llm.last_stats
+    if args.json:
+        print(json.dumps({"text": "".join(text), "prompt_tokens": s.prompt_tokens, "new_tokens": s.new_tokens,
+                          "total_s": s.total_s, "prefill_ms": s.prefill_ms,
+                          "time_per_token_ms": s.time_per_token_ms, "tokens_per_s": s.tokens_per_s,
+                          "finish_reason": s.finish_reason}, ensure_ascii=False))
+    else:
+        print()
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    llm = load_from_args(args)
+    base = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(base)
+    interactive = sys.stdin.isatty()
+    print(f"edgellm chat with {llm.loaded.source} — /reset clears the conversation, /exit quits.")
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            history = list(base)
+            print("(conversation cleared)")
+            continue
+        history.append({"role": "user", "content": line})
+        reply = []
+        try:
+            for piece in llm.stream_chat(history, **sampling_kwargs(args)):
+                reply.append(piece)
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            print(" [interrupted]", end="")
+        except EdgeLLMError as e:  # e.g. the conversation outgrew the context: keep the REPL alive
+            history.pop()
+            print(f"error: {e} (try /reset)")
+            continue
+        print()
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .config import ModelConfig
+    from .info import info_report
+    from .loading import resolve
+    from .loading.gguf_file import GGUFCheckpoint
+    from .loading.hf_folder import read_json
+
+    model = None
+    if args.config:
+        config = ModelConfig.from_hf(read_json(Path(args.config)))
+    elif args.load:
+        llm = load_from_args(args)
+        config, model = llm.config, llm.model
+    else:  # read only the config: works for any size without loading weights
+        path = resolve(args.model)
+        is_gguf = path.is_file() or (path.is_dir() and not (path / "config.json").exists()
+                                     and len(list(path.glob("*.gguf"))) == 1)
+        if is_gguf:
+            config = GGUFCheckpoint(path if path.is_file() else next(path.glob("*.gguf"))).config
+        else:
+            config = ModelConfig.from_hf(read_json(path / "config.json"))
+    if args.rope_type:
+        config.with_rope_type(args.rope_type)
+    print(info_report(config, args.context, model))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .report import markdown_table
+
+    llm = load_from_args(args)
+    print(f"Model: {llm.loaded.path} ({llm.config.arch}, {llm.dtype}, {args.max_new_tokens} new tokens, greedy)\n")
+    rows = []
+    for i, prompt in enumerate(DEMO_PROMPTS, 1):
+        answer = llm.chat([{"role": "user", "content": prompt}], max_new_tokens=args.max_new_tokens)
+        s = llm.last_stats
+        print(f"Prompt: {prompt}\nResponse: {answer.strip()}\n")
+        rows.append([i, s.prompt_tokens, s.new_tokens, round(s.total_s, 5), round(s.prefill_ms, 3),
+                     round(s.time_per_token_ms, 3), round(s.tokens_per_s, 5)])
+    print(markdown_table(TIMING_HEADERS, rows))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgellm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="VERB")
+
+    p = sub.add_parser("generate", help="complete a prompt (argument or stdin)")
+    p.add_argument("prompt", nargs="?", default=None, help="prompt text; '-' or omitted reads stdin")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object with text and timings")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat (/reset, /exit)")
+    add_model_args(p)
+    add_sampling_args(p, max_new_tokens=512)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("info", help="module tree, parameter counts and memory table")
+    add_model_args(p)
+    p.add_argument("--config", default=None, help="an HF config.json to describe (no weights needed)")
+    p.add_argument("--context", type=int, default=8192, help="context length for the KV-cache column")
+    p.add_argument("--load", action="store_true", help="load the weights and print the live module tree")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="the main job: answer three prompts and print the timing table")
+    add_model_args(p)
+    p.add_argument("--max-new-tokens", "-n", type=int, default=60)
+    p.set_defaults(func=cmd_demo)
+
+    for name in FEATURE_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except EdgeLLMError as e:
+        print(f"edgellm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""Turn a `--model` value into a Transformer, a Tokenizer and a description of where it came from.
+
+Accepted values: None (the bundled SmolLM2-135M-Instruct GGUF), a `.gguf` file, an HF folder, an AutoAWQ
+folder, or a hub id (`org/name`, or `org/name:file.gguf` for one GGUF file of a repo).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import CorruptCheckpointError, InvalidArgumentError, ModelNotFoundError
+from ..model import Transformer
+from ..tokenizer import Tokenizer
+from .default import default_model_path
+from .gguf_file import GGUFCheckpoint
+from .hf_folder import HFCheckpoint
+from .hub import download_from_hub, looks_like_hub_id
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: Tokenizer
+    config: ModelConfig
+    source: str          # what the user asked for
+    path: Path           # the file or folder read
+    format: str          # "gguf" | "hf"
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise InvalidArgumentError(f"unknown dtype {dtype!r}; choose from fp32, bf16, fp16")
+    return DTYPES[dtype]
+
+
+def resolve(model: str | Path | None) -> Path:
+    """Map a --model value to a local GGUF file or folder, downloading hub ids when online."""
+    if model is None or str(model) in ("", "default"):
+        return default_model_path()
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    if looks_like_hub_id(str(model)):
+        return download_from_hub(str(model))
+    raise ModelNotFoundError(f"model not found: {model!r} is neither a local file/folder nor a hub id (org/name)")
+
+
+def build_model(config: ModelConfig, tensors, dtype: torch.dtype) -> Transformer:
+    """Construct on the meta device, then assign the streamed tensors (no random init, no second copy)."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors:
+        if name not in expected:
+            raise CorruptCheckpointError(f"unexpected tensor {name!r}")
+        if tuple(tensor.shape) != tuple(expected[name]):
+            raise CorruptCheckpointError(
+                f"tensor {name!r} has shape {tuple(tensor.shape)}, config implies {tuple(expected[name])}"
+            )
+        state[name] = tensor.to(dtype).contiguous()
+    optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    missing = sorted(set(expected) - set(state) - optional)
+    if missing:
+        raise CorruptCheckpointError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    model.init_rope()
+    return model.eval().requires_grad_(False)
+
+
+def load_model(model: str | Path | None = None, dtype: str | torch.dtype = "bf16",
+               rope_type: str | None = None) -> LoadedModel:
+    torch_dtype = parse_dtype(dtype)
+    path = resolve(model)
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").is_file() and len(ggufs) == 1:
+            path = ggufs[0]
+    if path.is_file():
+        if path.suffix.lower() != ".gguf" and path.read_bytes()[:4] != b"GGUF":
+            raise ModelNotFoundError(f"{path}: not a .gguf file or an HF model folder")
+        ckpt = GGUFCheckpoint(path)
+        tokenizer = Tokenizer.from_gguf_metadata(ckpt.metadata)
+        fmt = "gguf"
+    else:
+        ckpt = HFCheckpoint(path)
+        tokenizer = Tokenizer.from_hf_folder(path)
+        fmt = "hf"
+    config = ckpt.config
+    if rope_type:
+        config.with_rope_type(rope_type)
+    for e in tokenizer.eos_ids:
+        if e not in config.eos_token_ids:
+            config.eos_token_ids.append(e)
+    tokenizer.eos_ids = list(config.eos_token_ids)
+    net = build_model(config, ckpt.tensors(torch_dtype), torch_dtype)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CorruptCheckpointError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {config.vocab_size}"
+        )
+    return LoadedModel(net, tokenizer, config, str(model) if model else "default", path, fmt)

@@ -1,0 +1,213 @@
+"""Pure nn.Modules for the Llama family (Llama 2/3.x, Mistral, Phi-3, Qwen2) plus a static KV cache.
+
+Every architecture is stored the same way: q/k/v fused into one `qkv_proj` (rows: q, then k, then v)
+and gate/up fused into `gate_up_proj` (rows: gate, then up), as Phi-3 checkpoints already are. The
+loaders fuse Llama/Mistral/Qwen2 checkpoints into this layout, so the forward pass is one code path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig, rope_inv_freq
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before the weight multiply, as HF does (matters in bf16).
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values for one layer.
+
+    `size` slots hold positions. A full cache has one slot per position (slot == position). A rolling cache
+    (Mistral sliding window, size == window) writes position p into slot p % size and remembers which
+    position each slot holds, so attention can mask by real positions.
+    """
+
+    def __init__(self, batch: int, kv_heads: int, size: int, head_dim: int, dtype: torch.dtype,
+                 rolling: bool) -> None:
+        super().__init__()
+        self.rolling = rolling
+        self.size = size
+        self.register_buffer("k", torch.zeros(batch, kv_heads, size, head_dim, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(batch, kv_heads, size, head_dim, dtype=dtype), persistent=False)
+        self.register_buffer("slot_pos", torch.full((size,), -1, dtype=torch.long), persistent=False)
+
+    def reset(self) -> None:
+        self.slot_pos.fill_(-1)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store k, v (B, Hkv, T, D) for positions start..start+T-1; return the keys/values to attend to
+        and the position of each key (L,)."""
+        B, _, T, _ = k.shape
+        pos = torch.arange(start, start + T, device=k.device)
+        if not self.rolling:
+            if start + T > self.size:
+                raise IndexError(f"KV cache holds {self.size} positions; asked for {start + T}")
+            self.k[:B, :, start:start + T] = k
+            self.v[:B, :, start:start + T] = v
+            self.slot_pos[start:start + T] = pos
+            return self.k[:B, :, :start + T], self.v[:B, :, :start + T], self.slot_pos[:start + T]
+        # Rolling: attend over (old slots ++ new tokens), then keep only the newest `size` tokens.
+        k_all = torch.cat([self.k[:B], k], dim=2)  # (B, Hkv, size+T, D)
+        v_all = torch.cat([self.v[:B], v], dim=2)
+        kpos = torch.cat([self.slot_pos, pos])
+        n = min(T, self.size)
+        slots = pos[-n:] % self.size
+        self.k[:B, :, slots] = k[:, :, -n:]
+        self.v[:B, :, slots] = v[:, :, -n:]
+        self.slot_pos[slots] = pos[-n:]
+        return k_all, v_all, kpos
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    # HF layout: the head dim is split in halves [x1, x2] (not interleaved pairs as in Meta's original code;
+    # GGUF llama weights are permuted for interleaved RoPE and the GGUF loader undoes that).
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
+        self.window = cfg.sliding_window
+        self.cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
+                use_cache: bool) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).split([self.cfg.q_size, self.cfg.kv_size, self.cfg.kv_size], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)     # (B, Hkv, T, D)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)     # (B, Hkv, T, D)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)                     # (T, D)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+
+        if use_cache:
+            if self.cache is None:
+                raise RuntimeError("call model.setup_cache() before decoding with use_cache=True")
+            k_all, v_all, kpos = self.cache.update(start, k, v)
+        else:
+            k_all, v_all, kpos = k, v, torch.arange(start, start + T, device=x.device)
+        L = k_all.shape[2]
+        windowed = self.window is not None and start + T > self.window
+        if not windowed and kpos.shape[0] == start + T and (T == 1 or start == 0):
+            # Plain causal cases need no explicit mask (fast SDPA paths).
+            mask, is_causal = None, T > 1
+        else:
+            qpos = torch.arange(start, start + T, device=x.device)[:, None]  # (T, 1)
+            mask = (kpos[None, :] <= qpos) & (kpos[None, :] >= 0)           # (T, L)
+            if self.window is not None:
+                mask &= kpos[None, :] > qpos - self.window
+            is_causal = False
+        assert L == kpos.shape[0]
+        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=self.n_kv != self.n_heads)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.cfg.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
+                use_cache: bool) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, use_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rope_cos: torch.Tensor | None = None
+        self.rope_sin: torch.Tensor | None = None
+        self.cache_len = 0
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def init_rope(self, max_len: int | None = None) -> None:
+        """(Re)compute the fp32 cos/sin tables for positions 0..max_len-1 (after weights are materialised)."""
+        n = max_len or self.config.max_seq_len
+        inv_freq = rope_inv_freq(self.config)                                # (D/2,)
+        freqs = torch.arange(n, dtype=torch.float32)[:, None] * inv_freq[None, :]  # (n, D/2)
+        emb = torch.cat([freqs, freqs], dim=-1)                              # (n, D)
+        self.rope_cos, self.rope_sin = emb.cos(), emb.sin()
+
+    def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
+        """Preallocate one KV cache per layer for `batch` sequences of up to `max_len` tokens."""
+        cfg = self.config
+        dtype = dtype or self.embed_tokens.weight.dtype
+        rolling = cfg.sliding_window is not None and cfg.sliding_window < max_len
+        size = cfg.sliding_window if rolling else max_len
+        for layer in self.layers:
+            cache = layer.self_attn.cache
+            if (cache is None or cache.size != size or cache.k.shape[0] < batch or cache.k.dtype != dtype
+                    or cache.rolling != rolling):
+                layer.self_attn.cache = KVCache(batch, cfg.num_kv_heads, size, cfg.head_dim, dtype, rolling)
+            else:
+                cache.reset()
+        self.cache_len = max_len
+        if self.rope_cos is None or self.rope_cos.shape[0] < max_len:
+            self.init_rope(max(max_len, cfg.max_seq_len))
+
+    def reset_cache(self) -> None:
+        for layer in self.layers:
+            if layer.self_attn.cache is not None:
+                layer.self_attn.cache.reset()
+
+    def forward(self, ids: torch.Tensor, start: int = 0, use_cache: bool = False,
+                last_only: bool = False) -> torch.Tensor:
+        """ids (B, T) at positions start..start+T-1 -> logits (B, T, V) (or (B, 1, V) with last_only)."""
+        B, T = ids.shape
+        if self.rope_cos is None or self.rope_cos.shape[0] < start + T:
+            self.init_rope(max(start + T, self.config.max_seq_len))
+        cos = self.rope_cos[start:start + T]  # (T, D)
+        sin = self.rope_sin[start:start + T]
+        x = self.embed_tokens(ids)            # (B, T, C)
+        for layer in self.layers:
+            x = layer(x, cos, sin, start, use_cache)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))

@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny random-weight checkpoints of every architecture, built on the fly, and the real
+default model (loaded once per session)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+TINY_BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                 rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+
+TINY_CONFIGS = {
+    "llama": dict(model_type="llama", rope_theta=10000.0, tie_word_embeddings=False),
+    "llama3_rope": dict(model_type="llama", rope_theta=500000.0, tie_word_embeddings=True,
+                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+    "mistral": dict(model_type="mistral", rope_theta=10000.0, sliding_window=16, tie_word_embeddings=False),
+    "phi3": dict(model_type="phi3", rope_theta=10000.0, tie_word_embeddings=False,
+                 original_max_position_embeddings=256, pad_token_id=0),
+    "qwen2": dict(model_type="qwen2", rope_theta=10000.0, tie_word_embeddings=True, use_sliding_window=False),
+}
+
+
+def byte_level_tokenizer_json(vocab_size: int) -> str:
+    """A byte-level BPE tokenizer.json with specials <unk>, <s>, </s> and a few merges, sized <= vocab_size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.trainers import BpeTrainer
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    text = ["the quick brown fox jumps over the lazy dog " * 3, "hello world, hello there " * 3]
+    tok.train_from_iterator(text, trainer)
+    return tok.to_str()
+
+
+def make_hf_checkpoint(name: str, folder: Path, seed: int = 0) -> Path:
+    """Save a random-weight HF model (safetensors) + tokenizer files into `folder`."""
+    transformers = pytest.importorskip("transformers")
+    cfg_dict = {**TINY_BASE, **TINY_CONFIGS[name]}
+    config = transformers.AutoConfig.for_model(**cfg_dict)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32,
+                                                          attn_implementation="eager")
+    with torch.no_grad():  # spread the weights so logits are not near-uniform (ties would hide errors)
+        for pname, p in model.named_parameters():
+            if "norm" in pname:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif p.ndim == 1:
+                p.normal_(0, 0.1)
+            else:
+                p.normal_(0, 0.08)
+    model.save_pretrained(folder, safe_serialization=True)
+    (folder / "tokenizer.json").write_text(byte_level_tokenizer_json(cfg_dict["vocab_size"]))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "add_bos_token": False,
+        "chat_template": "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<s>assistant:{% endif %}",
+    }))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {name: make_hf_checkpoint(name, root / name, seed=i) for i, name in enumerate(TINY_CONFIGS)}
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> Path:
+    from edgellm.loading.default import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA_DIR.is_dir():
+        pytest.skip(f"shared data not found at {DATA_DIR}")
+    return DATA_DIR
