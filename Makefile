@@ -6,7 +6,7 @@ PYTHON  := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 TSTAMP  := $(VENV)/.installed-test
 
-.PHONY: install demo test lint bench-peers clean
+.PHONY: install demo test bench-peers clean
 
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
@@ -34,3 +34,9 @@ test: $(TSTAMP)
 
 clean:
 	rm -rf $(VENV)
+
+# Peers for `edgellm bench --peer llamacpp`: llama-cpp-python compiles llama.cpp (several minutes), so it
+# stays out of the default install and out of CI.
+bench-peers: $(TSTAMP)
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install "llama-cpp-python>=0.3.8"
+	$(PIP) install --quiet "matplotlib>=3.8"

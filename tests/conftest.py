@@ -4,10 +4,14 @@ default model (loaded once per session)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# CLI verbs default to the compiled decode step; tests run eager unless they ask for --compile.
+os.environ.setdefault("EDGELLM_COMPILE", "0")
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 

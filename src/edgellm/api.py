@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,12 @@ Messages = list[dict[str, Any]]
 class LLM:
     """A loaded model with its tokenizer. Create with `edgellm.load()`."""
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, compile: bool = False) -> None:
         self.loaded = loaded
         self.model: Transformer = loaded.model
         self.tokenizer: Tokenizer = loaded.tokenizer
         self.config: ModelConfig = loaded.config
-        self.generator = Generator(self.model, self.tokenizer, self.config.max_seq_len)
+        self.generator = Generator(self.model, self.tokenizer, self.config.max_seq_len, compile=compile)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -44,22 +45,41 @@ class LLM:
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
-        return [int(t) for t in prompt]
+        try:
+            if isinstance(prompt, str | bytes | dict) or any(isinstance(t, bool) for t in prompt):
+                raise TypeError
+            ids = [operator.index(t) for t in prompt]
+        except TypeError:
+            raise InvalidArgumentError(
+                f"prompt must be a string or a list of token ids (got {type(prompt).__name__})"
+            ) from None
+        if any(not 0 <= t < self.config.vocab_size for t in ids):
+            raise InvalidArgumentError(f"prompt token ids must be in [0, {self.config.vocab_size})")
+        return ids
+
+    def _start(self, ids: list[int], sampling: dict[str, Any]) -> Iterator[str]:
+        """Validate everything up front (so bad input raises at the call, not at the first next()),
+        then return the lazy text stream."""
+        params = SamplingParams.from_kwargs(**sampling)
+        self.generator.check_length(len(ids), params.max_new_tokens)
+        return self.generator.text_stream(ids, params)
 
     def stream(self, prompt: str | list[int], **sampling: Any) -> Iterator[str]:
         """Yield the answer as it is generated, in UTF-8-safe text pieces."""
-        params = SamplingParams(**sampling).validate()
-        yield from self.generator.text_stream(self._prompt_ids(prompt), params)
+        return self._start(self._prompt_ids(prompt), sampling)
 
-    def generate(self, prompt: str | list[str], **sampling: Any) -> str | list[str]:
+    def generate(self, prompt: str | list[int] | list[str] | list[list[int]], **sampling: Any) -> str | list[str]:
         """Complete one prompt (-> str) or several (-> list[str], run one after another)."""
-        if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
-            return [self.generate(p, **sampling) for p in prompt]
-        return "".join(self.stream(prompt, **sampling))
+        if isinstance(prompt, list | tuple) and prompt and all(isinstance(p, str | list) for p in prompt):
+            SamplingParams.from_kwargs(**sampling)  # fail before the first prompt runs
+            return [self.generate(p, **sampling) for p in prompt]  # type: ignore[misc]
+        return "".join(self.stream(prompt, **sampling))  # type: ignore[arg-type]
 
     def chat_prompt_ids(self, messages: Messages) -> list[int]:
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-            raise InvalidArgumentError("messages must be a list of {'role': ..., 'content': ...} dicts")
+        if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and "role" in m for m in messages
+        ):
+            raise InvalidArgumentError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
         return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
 
     def chat(self, messages: Messages, **sampling: Any) -> str:
@@ -67,8 +87,8 @@ class LLM:
         return "".join(self.stream_chat(messages, **sampling))
 
     def stream_chat(self, messages: Messages, **sampling: Any) -> Iterator[str]:
-        params = SamplingParams(**sampling).validate()
-        yield from self.generator.text_stream(self.chat_prompt_ids(messages), params)
+        """`chat`, streamed in text pieces."""
+        return self._start(self.chat_prompt_ids(messages), sampling)
 
     # ------------------------------------------------------------------ scoring
     @torch.inference_mode()
@@ -84,6 +104,10 @@ class LLM:
         return self.model(ids[None])[0].float()
 
 
-def load(model: str | Path | None = None, dtype: str | torch.dtype = "bf16", rope_type: str | None = None) -> LLM:
-    """Load a model: None (bundled SmolLM2-135M-Instruct), a .gguf file, an HF folder or a hub id."""
-    return LLM(load_model(model, dtype=dtype, rope_type=rope_type))
+def load(model: str | Path | None = None, dtype: str | torch.dtype = "bf16", rope_type: str | None = None,
+         compile: bool = False) -> LLM:
+    """Load a model: None (bundled SmolLM2-135M-Instruct), a .gguf file, an HF folder or a hub id.
+
+    compile=True runs decoding through a torch.compile'd step (the CLI's default; first use compiles,
+    later processes reuse the on-disk cache, and it falls back to eager when no C++ compiler exists)."""
+    return LLM(load_model(model, dtype=dtype, rope_type=rope_type), compile=compile)

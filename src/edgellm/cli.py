@@ -5,19 +5,24 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import EdgeLLMError
+from .errors import EdgeLLMError, InvalidArgumentError, ModelNotFoundError
+from .generate import SamplingParams
+
+if TYPE_CHECKING:
+    from .api import LLM
 
 DEMO_PROMPTS = ["What is the meaning of life?", "Tell me something you don't know.", "What does Xilinx do?"]
 TIMING_HEADERS = ["Example#", "Prompt Length (tokens)", "New Tokens Generated", "Total Time (s)",
                   "Prefill Phase (ms)", "Time/Token (ms)", "Tokens/Sec"]
 
 # Feature modules that add their own verbs: each exposes register(subparsers) -> None.
-FEATURE_MODULES: list[str] = []
+FEATURE_MODULES: list[str] = ["edgellm.eval.cli", "edgellm.bench"]
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -26,6 +31,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="compute dtype")
     p.add_argument("--rope-type", "--rope_type", dest="rope_type", default=None,
                    choices=["simple", "llama3.1", "llama3.2"], help="override the checkpoint's RoPE scaling")
+
+
+def add_compile_args(p: argparse.ArgumentParser) -> None:
+    # The compiled decode step is the default fast path; EDGELLM_COMPILE=0 flips the default (tests use it).
+    default = os.environ.get("EDGELLM_COMPILE", "1") != "0"
+    p.add_argument("--compile", dest="compile", action="store_true", default=default,
+                   help="decode with the torch.compile'd step (default; cached on disk after the first run)")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="eager PyTorch decode")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
@@ -46,15 +59,19 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 seed=args.seed, stop=tuple(args.stop))
 
 
-def load_from_args(args: argparse.Namespace):
+def load_from_args(args: argparse.Namespace) -> LLM:
     from .api import load
 
-    return load(args.model, dtype=args.dtype, rope_type=args.rope_type)
+    return load(args.model, dtype=args.dtype, rope_type=args.rope_type, compile=getattr(args, "compile", False))
 
 
 # ---------------------------------------------------------------------------------------------- verbs
 def cmd_generate(args: argparse.Namespace) -> int:
-    prompt = args.prompt if args.prompt not in (None, "-") else sys.stdin.read()
+    if args.prompt not in (None, "-"):
+        prompt = args.prompt
+    else:  # piped text; the newline `echo` adds is not part of the prompt
+        prompt = sys.stdin.read().removesuffix("\n").removesuffix("\r")
+    SamplingParams.from_kwargs(**sampling_kwargs(args))  # bad values fail before the model loads
     llm = load_from_args(args)
     kwargs = sampling_kwargs(args)
     pieces = llm.stream_chat([{"role": "user", "content": prompt}], **kwargs) if args.chat \
@@ -76,6 +93,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    SamplingParams.from_kwargs(**sampling_kwargs(args))  # bad values end the command (exit 2), not each turn
     llm = load_from_args(args)
     base = [{"role": "system", "content": args.system}] if args.system else []
     history = list(base)
@@ -113,26 +131,34 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .config import ModelConfig
     from .info import info_report
     from .loading import resolve
     from .loading.gguf_file import GGUFCheckpoint
-    from .loading.hf_folder import read_json
+    from .loading.hf_folder import config_from_hf_file
 
+    if args.context < 1:
+        raise InvalidArgumentError(f"--context must be >= 1 (got {args.context})")
     model = None
     if args.config:
-        config = ModelConfig.from_hf(read_json(Path(args.config)))
+        path = Path(args.config)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ModelNotFoundError(f"config file not found: {args.config}")
+        config = config_from_hf_file(path)
     elif args.load:
         llm = load_from_args(args)
         config, model = llm.config, llm.model
     else:  # read only the config: works for any size without loading weights
         path = resolve(args.model)
-        is_gguf = path.is_file() or (path.is_dir() and not (path / "config.json").exists()
-                                     and len(list(path.glob("*.gguf"))) == 1)
-        if is_gguf:
+        if path.is_file() and path.suffix == ".json":
+            config = config_from_hf_file(path)
+        elif path.is_dir() and (path / "config.json").is_file():
+            config = config_from_hf_file(path / "config.json")
+        elif path.is_file() or (path.is_dir() and len(list(path.glob("*.gguf"))) == 1):
             config = GGUFCheckpoint(path if path.is_file() else next(path.glob("*.gguf"))).config
         else:
-            config = ModelConfig.from_hf(read_json(path / "config.json"))
+            raise ModelNotFoundError(f"{path}: neither a GGUF file, an HF model folder nor a config.json")
     if args.rope_type:
         config.with_rope_type(args.rope_type)
     print(info_report(config, args.context, model))
@@ -163,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="complete a prompt (argument or stdin)")
     p.add_argument("prompt", nargs="?", default=None, help="prompt text; '-' or omitted reads stdin")
     add_model_args(p)
+    add_compile_args(p)
     add_sampling_args(p)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object with text and timings")
@@ -170,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="interactive multi-turn chat (/reset, /exit)")
     add_model_args(p)
+    add_compile_args(p)
     add_sampling_args(p, max_new_tokens=512)
     p.add_argument("--system", default=None, help="system prompt")
     p.set_defaults(func=cmd_chat)
@@ -183,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job: answer three prompts and print the timing table")
     add_model_args(p)
+    add_compile_args(p)
     p.add_argument("--max-new-tokens", "-n", type=int, default=60)
     p.set_defaults(func=cmd_demo)
 
@@ -191,19 +220,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(e: BaseException) -> str:
+    """An exception as one line (library messages sometimes span several)."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except EdgeLLMError as e:
-        print(f"edgellm {args.command}: error: {e}", file=sys.stderr)
+        print(f"edgellm {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:  # unreadable / missing / directory-instead-of-file paths given by the user
+        print(f"edgellm {args.command}: error: {one_line(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

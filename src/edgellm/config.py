@@ -94,7 +94,7 @@ class ModelConfig:
                 rope["rope_type"] = kind
         if (cfg.get("partial_rotary_factor") or 1.0) != 1.0:
             raise UnsupportedModelError("partial rotary embeddings are not supported")
-        sliding = cfg.get("sliding_window")
+        sliding = cfg.get("sliding_window") or None
         if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
             sliding = None  # Qwen2 configs carry a window value but disable it by default
         eos = cfg.get("eos_token_id")
@@ -152,7 +152,7 @@ class ModelConfig:
             rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=float(get("rope.freq_base", 10000.0)),
             rope_scaling=rope,
-            sliding_window=get("attention.sliding_window"),
+            sliding_window=get("attention.sliding_window") or None,  # llama.cpp writes 0 for "none"
             attention_bias=arch == "qwen2",
             tie_word_embeddings="output.weight" not in tensor_names,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import torch
 
@@ -28,22 +30,47 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def validate(self) -> SamplingParams:
+        """Check every value (raising InvalidArgumentError naming the bad one); normalise `stop` to a tuple."""
+
+        def is_int(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: object) -> bool:
+            return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
         checks = [
-            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
-            (self.temperature >= 0, "temperature must be >= 0 (0 = greedy)"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer >= 0 (0 = off)"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 = off)"),
+            (is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
+             f"max_new_tokens must be an integer >= 1 (got {self.max_new_tokens!r})"),
+            (is_num(self.temperature) and self.temperature >= 0,
+             f"temperature must be a finite number >= 0, 0 = greedy (got {self.temperature!r})"),
+            (is_int(self.top_k) and self.top_k >= 0, f"top_k must be an integer >= 0, 0 = off (got {self.top_k!r})"),
+            (is_num(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1] (got {self.top_p!r})"),
+            (is_num(self.min_p) and 0 <= self.min_p < 1, f"min_p must be in [0, 1) (got {self.min_p!r})"),
+            (is_num(self.repetition_penalty) and self.repetition_penalty > 0,
+             f"repetition_penalty must be a finite number > 0, 1 = off (got {self.repetition_penalty!r})"),
+            (self.seed is None or is_int(self.seed), f"seed must be an integer or None (got {self.seed!r})"),
         ]
         for ok, message in checks:
             if not ok:
                 raise InvalidArgumentError(f"invalid sampling value: {message}")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
+        if not isinstance(self.stop, Sequence) or not all(isinstance(s, str) for s in self.stop):
+            raise InvalidArgumentError(f"invalid sampling value: stop must be a string or a list of strings "
+                                       f"(got {self.stop!r})")
+        self.stop = tuple(self.stop)
         if any(not s for s in self.stop):
             raise InvalidArgumentError("invalid sampling value: stop strings must be non-empty")
         return self
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> SamplingParams:
+        """Build and validate; an unknown keyword is an InvalidArgumentError naming it (not a TypeError)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise InvalidArgumentError(f"unknown sampling argument(s) {unknown}; valid: {sorted(known)}")
+        return cls(**kwargs).validate()
 
 
 @dataclass
@@ -56,7 +83,7 @@ class GenerationStats:
     tokens_per_s: float = 0.0
     finish_reason: str = ""  # "eos" | "length" | "stop"
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -67,35 +94,57 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return logits.scatter(-1, seen, scores)
 
 
-def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
-    """Pick the next id from fp32 logits (V,) with temperature, top-k, top-p and min-p filtering."""
-    if p.temperature == 0:
-        return int(logits.argmax())
+def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p filtering (removed tokens get -inf), in the order and with the
+    exact rules of transformers' TemperatureLogitsWarper, TopK-, TopP- and MinPLogitsWarper (one token kept)."""
     logits = logits / p.temperature
-    if p.top_k > 0 and p.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, p.top_k).values[-1]
+    if 0 < p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if p.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the tokens before it already cover top_p (the first token always stays)
-        drop = (probs.cumsum(-1) - probs) >= p.top_p
+        # ascending order: drop the low tail whose total probability is <= 1 - top_p; the top token always stays
+        sorted_logits, order = torch.sort(logits, descending=False)
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= (1 - p.top_p)
+        drop[..., -1:] = False
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     if p.min_p > 0:
         probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
-    probs = logits.softmax(-1)
+        drop = probs < p.min_p * probs.amax(-1, keepdim=True)
+        drop.scatter_(-1, probs.argmax(-1, keepdim=True), False)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
+    """Pick the next id from fp32 logits (V,): argmax when temperature == 0, else sample the filtered softmax."""
+    if p.temperature == 0:
+        return int(logits.argmax())
+    probs = filter_logits(logits, p).softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
 class Generator:
     """Runs one prompt at a time through prefill and token-by-token decode."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_context: int) -> None:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_context: int, compile: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_context = max_context
         self.stats = GenerationStats()
+        self.compiled = None
+        if compile:
+            from .fast import CompiledDecoder
+
+            self.compiled = CompiledDecoder(model)
+
+    @property
+    def compile_s(self) -> float:
+        """Seconds spent compiling (or loading cached compiled code for) the decode step so far."""
+        return self.compiled.compile_s if self.compiled is not None else 0.0
+
+    @property
+    def note(self) -> str:
+        return self.compiled.note if self.compiled is not None else ""
 
     def check_length(self, prompt_len: int, max_new_tokens: int) -> None:
         if prompt_len == 0:
@@ -119,43 +168,57 @@ class Generator:
         gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
         eos = set() if p.ignore_eos else set(self.tokenizer.eos_ids)
         seen = torch.tensor(prompt_ids, dtype=torch.long)
-        self.model.setup_cache(1, len(prompt_ids) + p.max_new_tokens)
+        needed = len(prompt_ids) + p.max_new_tokens
+        fast = self.compiled
+        if fast is not None:
+            from .fast import bucket
+
+            # Fixed cache sizes so the compiled step sees a handful of shapes, never one per prompt.
+            self.model.setup_cache(1, min(bucket(needed), max(self.max_context, needed)))
+        else:
+            self.model.setup_cache(1, needed)
 
         t0 = time.perf_counter()
-        ids = torch.tensor([prompt_ids], dtype=torch.long)
-        logits = self.model(ids, 0, use_cache=True, last_only=True)[0, -1].float()  # (V,)
-        pos = len(prompt_ids)
-        t_first = None
+        t_first: float | None = None
+        decodes = 0  # one-token forward passes after the prefill
         stats.finish_reason = "length"
-        for i in range(p.max_new_tokens):
-            if p.repetition_penalty != 1.0:
-                logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
-            token = sample_next(logits, p, gen)
-            if t_first is None:
-                t_first = time.perf_counter()
-                stats.prefill_ms = (t_first - t0) * 1e3
-            stats.new_tokens = i + 1
-            if token in eos:
-                stats.finish_reason = "eos"
-                stats.new_tokens = i  # the EOS token is not part of the answer
-                break
-            yield token
-            if i + 1 == p.max_new_tokens:
-                break
-            if p.repetition_penalty != 1.0:
-                seen = torch.cat([seen, torch.tensor([token])])
-            logits = self.model(torch.tensor([[token]]), pos, use_cache=True)[0, -1].float()
-            pos += 1
-            self._finish(stats, t0, t_first)
-        self._finish(stats, t0, t_first)
+        try:  # the finally also runs when the consumer closes the stream early (stop string, break)
+            ids = torch.tensor([prompt_ids], dtype=torch.long)
+            logits = self.model(ids, 0, use_cache=True, last_only=True)[0, -1].float()  # (V,)
+            pos = len(prompt_ids)
+            for i in range(p.max_new_tokens):
+                if p.repetition_penalty != 1.0:
+                    logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
+                token = sample_next(logits, p, gen)
+                if t_first is None:
+                    t_first = time.perf_counter()
+                    stats.prefill_ms = (t_first - t0) * 1e3
+                if token in eos:
+                    stats.finish_reason = "eos"  # the EOS token is not part of the answer
+                    break
+                stats.new_tokens = i + 1
+                yield token
+                if i + 1 == p.max_new_tokens:
+                    break
+                if p.repetition_penalty != 1.0:
+                    seen = torch.cat([seen, torch.tensor([token])])
+                if fast is not None:
+                    logits = fast.step(torch.tensor([[token]]), torch.tensor([pos]))[0]
+                else:
+                    logits = self.model(torch.tensor([[token]]), pos, use_cache=True)[0, -1].float()
+                pos += 1
+                decodes += 1
+                self._finish(stats, t0, t_first, decodes)
+        finally:
+            self._finish(stats, t0, t_first, decodes)
 
     @staticmethod
-    def _finish(stats: GenerationStats, t0: float, t_first: float | None) -> None:
+    def _finish(stats: GenerationStats, t0: float, t_first: float | None, decodes: int) -> None:
+        """total_s from the start of the prefill; time/token averages the one-token decode steps."""
         now = time.perf_counter()
         stats.total_s = now - t0
-        steps = max(stats.new_tokens - 1, 0)
-        if steps and t_first is not None:
-            stats.time_per_token_ms = (now - t_first) * 1e3 / steps
+        if decodes and t_first is not None:
+            stats.time_per_token_ms = (now - t_first) * 1e3 / decodes
             stats.tokens_per_s = 1e3 / stats.time_per_token_ms
 
     def text_stream(self, prompt_ids: list[int], p: SamplingParams) -> Iterator[str]:
@@ -170,10 +233,10 @@ class Generator:
             if stops:
                 cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
                 if cut >= 0:
+                    tokens.close()  # stop decoding before handing out the last piece
+                    self.stats.finish_reason = "stop"
                     if pending[:cut]:
                         yield pending[:cut]
-                    self.stats.finish_reason = "stop"
-                    tokens.close()
                     return
                 # keep back a tail that could be the start of a stop string
                 safe = len(pending) - hold

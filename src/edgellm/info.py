@@ -19,8 +19,9 @@ GB = 1e9
 
 def meta_model(config: ModelConfig) -> Transformer:
     """The module tree without allocating weights."""
-    with torch.device("meta"):
-        model = Transformer(config)
+    from .loading import meta_transformer
+
+    model = meta_transformer(config)
     model.tie_weights()
     return model
 
@@ -84,7 +85,7 @@ def info_report(config: ModelConfig, context: int, model: torch.nn.Module | None
     part_rows.append(["total", counts.total, "100.0%"])
     if config.tie_word_embeddings:
         part_rows.insert(-1, ["lm_head (tied to embedding)", 0, "0.0%"])
-    lines += [f"Parameters ({config.arch}, {config.num_layers} layers, hidden {config.hidden_size}, "
+    lines += [f"Parameters: {counts.total:,} ({config.arch}, {config.num_layers} layers, hidden {config.hidden_size}, "
               f"heads {config.num_heads}/{config.num_kv_heads} q/kv, vocab {config.vocab_size})", "",
               markdown_table(["Part", "Parameters", "Share"], part_rows), ""]
     size_class = size_class_billions(counts.total)

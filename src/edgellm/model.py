@@ -75,6 +75,14 @@ class KVCache(nn.Module):
         return k_all, v_all, kpos
 
 
+    def write_one(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Static-shape write of one position (pos: (1,) long tensor) for the compiled decode step."""
+        slot = pos % self.size if self.rolling else pos
+        self.k.index_copy_(2, slot, k)  # (B, Hkv, 1, D) into (B, Hkv, S, D)
+        self.v.index_copy_(2, slot, v)
+        self.slot_pos.index_copy_(0, slot, pos)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     # HF layout: the head dim is split in halves [x1, x2] (not interleaved pairs as in Meta's original code;
     # GGUF llama weights are permuted for interleaved RoPE and the GGUF loader undoes that).
@@ -126,6 +134,31 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.cfg.q_size))
 
 
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One new token per sequence with static shapes only (attends over the whole cache with a
+        position mask), written out so torch.compile/inductor can fuse it instead of calling SDPA."""
+        B = x.shape[0]
+        cache = self.cache
+        q, k, v = self.qkv_proj(x).split([self.cfg.q_size, self.cfg.kv_size, self.cfg.kv_size], dim=-1)
+        q = q.view(B, 1, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, 1, D)
+        k = k.view(B, 1, self.n_kv, self.head_dim).transpose(1, 2)     # (B, Hkv, 1, D)
+        v = v.view(B, 1, self.n_kv, self.head_dim).transpose(1, 2)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)                     # (1, D)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        cache.write_one(pos, k, v)
+        group = self.n_heads // self.n_kv
+        qg = q.view(B, self.n_kv, group, self.head_dim)                            # (B, Hkv, G, D)
+        scores = torch.matmul(qg, cache.k[:B].transpose(-1, -2)).float()           # (B, Hkv, G, S)
+        scores = scores * self.head_dim ** -0.5
+        valid = (cache.slot_pos >= 0) & (cache.slot_pos <= pos)                    # (S,)
+        if self.window is not None:
+            valid &= cache.slot_pos > pos - self.window
+        probs = scores.masked_fill(~valid, float("-inf")).softmax(-1).to(v.dtype)
+        y = torch.matmul(probs, cache.v[:B])                                       # (B, Hkv, G, D)
+        return self.o_proj(y.reshape(B, 1, self.cfg.q_size))
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -148,6 +181,11 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
                 use_cache: bool) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, use_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -211,3 +249,14 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))
+
+    def decode_step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """token (B, 1) at position pos ((1,) long tensor) -> next-token logits (B, V), fp32.
+
+        Shapes never change between steps, so this is the function the fast path compiles."""
+        cos = self.rope_cos.index_select(0, pos)  # (1, D)
+        sin = self.rope_sin.index_select(0, pos)
+        x = self.embed_tokens(token)              # (B, 1, C)
+        for layer in self.layers:
+            x = layer.decode(x, cos, sin, pos)
+        return self.lm_head(self.norm(x))[:, -1].float()

@@ -45,9 +45,7 @@ _QWEN2_SPLIT = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 # llama.cpp runs "\p{N}" (every digit alone) before the GPT-2 regex for these vocabularies.
-_DIGITS_THEN_GPT2 = frozenset(
-    {"smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva"}
-)
+_DIGITS_THEN_GPT2 = frozenset({"smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva"})
 _LLAMA3_PRES = frozenset({"llama3", "llama-bpe", "llama-v3"})
 _LLAMA3_REGEX_PRES = _LLAMA3_PRES | {"smaug-bpe", "dbrx"}
 _QWEN2_PRES = frozenset({"qwen2", "deepseek-r1-qwen"})
@@ -179,16 +177,12 @@ def _compile_template(template: str) -> Any:
         sort_keys: bool = False,
     ) -> str:
         # Jinja's builtin tojson HTML-escapes; templates expect plain json.dumps.
-        return json.dumps(
-            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-        )
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
     def strftime_now(fmt: str) -> str:
         return datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-    )
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
@@ -261,9 +255,7 @@ class Tokenizer:
         gen_eos = gen.get("eos_token_id")
         extra_eos = list(gen_eos) if isinstance(gen_eos, list) else [gen_eos]
         specials = {t.content for t in backend.get_added_tokens_decoder().values() if t.special}
-        extra_eos += [
-            backend.token_to_id(t) for t in CHAT_END_TOKENS if t in specials and template and t in template
-        ]
+        extra_eos += [backend.token_to_id(t) for t in CHAT_END_TOKENS if t in specials and template and t in template]
         pad_id = backend.token_to_id(pad) if pad is not None else gen.get("pad_token_id")
         return cls(
             backend,
@@ -286,6 +278,8 @@ class Tokenizer:
     def from_gguf_metadata(cls, meta: dict[str, Any]) -> Tokenizer:
         """Build from GGUF key/value metadata (see module docstring for the conversion rules)."""
         kind = meta.get("tokenizer.ggml.model")
+        if kind not in ("gpt2", "llama"):
+            raise TokenizerError(f"unsupported GGUF tokenizer type {kind!r} (supported: 'gpt2', 'llama')")
         tokens: list[str] | None = meta.get("tokenizer.ggml.tokens")
         if not tokens:
             raise TokenizerError("GGUF metadata has no tokenizer.ggml.tokens")
@@ -296,11 +290,9 @@ class Tokenizer:
         if kind == "gpt2":
             backend = cls._gguf_byte_level(meta, tokens, types)
             default_add_bos = False  # transformers' GPT2Tokenizer default; real files set the flag anyway
-        elif kind == "llama":
-            backend = cls._gguf_sentencepiece(meta, tokens, types)
-            default_add_bos = True  # llama.cpp adds BOS to SentencePiece vocabularies unless told not to
         else:
-            raise TokenizerError(f"unsupported GGUF tokenizer type {kind!r} (supported: 'gpt2', 'llama')")
+            backend = cls._gguf_sentencepiece(meta, tokens)
+            default_add_bos = True  # llama.cpp adds BOS to SentencePiece vocabularies unless told not to
 
         # Control tokens are matched whole in text and skippable on decode; user-defined ones are
         # matched whole but are ordinary text. The vocab keeps their raw spelling, so ids line up.
@@ -311,11 +303,7 @@ class Tokenizer:
             [AddedToken(t, normalized=False, special=True) for t, tt in zipped if t and tt in special_types]
         )
         backend.add_tokens(
-            [
-                AddedToken(t, normalized=False, special=False)
-                for t, tt in zipped
-                if t and tt == _TT_USER_DEFINED
-            ]
+            [AddedToken(t, normalized=False, special=False) for t, tt in zipped if t and tt == _TT_USER_DEFINED]
         )
 
         def tok(key: str) -> str | None:
@@ -370,9 +358,7 @@ class Tokenizer:
         return backend
 
     @staticmethod
-    def _gguf_sentencepiece(
-        meta: dict[str, Any], tokens: list[str], types: list[int]
-    ) -> tokenizers.Tokenizer:
+    def _gguf_sentencepiece(meta: dict[str, Any], tokens: list[str]) -> tokenizers.Tokenizer:
         vocab = {t: i for i, t in enumerate(tokens)}
         if meta.get("tokenizer.ggml.merges"):
             merges = _split_merges(meta["tokenizer.ggml.merges"])
@@ -441,8 +427,17 @@ class Tokenizer:
         """Render `messages` with the model's chat template, exactly as transformers would."""
         if not self.chat_template:
             raise TokenizerError("this tokenizer has no chat template")
-        variables: dict[str, Any] = {"bos_token": self.bos_token, "eos_token": self.eos_token, **kwargs}
         import jinja2
+
+        # transformers always defines tools/documents (as None); templates test `tools is not none`.
+        variables: dict[str, Any] = {
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.id_to_token(self.pad_id) if self.pad_id is not None else None,
+            "tools": None,
+            "documents": None,
+            **kwargs,
+        }
 
         try:
             return _compile_template(self.chat_template).render(

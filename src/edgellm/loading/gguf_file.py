@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import gguf
 import numpy as np
@@ -13,11 +14,13 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import CorruptCheckpointError, UnsupportedModelError
-from .gguf_meta import open_gguf, read_metadata
+from .gguf_meta import GGUFFile, TensorInfo, ggml_type_name, open_gguf
 
-# Weight types we read (all dequantized by the gguf package's reference code).
+# Weight types we read. F32/F16/BF16/Q8_0/Q4_0/Q4_1 are dequantized by our torch code below (bit-exact
+# with gguf.quants.dequantize, ~10x faster); the others by the gguf package's numpy reference code.
 SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K",
                    "Q5_K", "Q6_K"}
+_Q = gguf.GGMLQuantizationType
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "embed_tokens.weight",
@@ -45,74 +48,184 @@ def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, shape[0] // n_heads // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
-def _dequantize(t: Any) -> np.ndarray:
-    qtype = gguf.GGMLQuantizationType(t.tensor_type)
-    if qtype.name not in SUPPORTED_TYPES:
-        raise UnsupportedModelError(f"GGUF tensor {t.name} has unsupported type {qtype.name}")
-    expected = int(t.n_bytes)
-    if t.data.nbytes != expected:
-        raise CorruptCheckpointError(f"GGUF tensor {t.name}: {t.data.nbytes} bytes, expected {expected}")
-    if qtype.name == "F32":
-        arr = np.asarray(t.data)
-    else:
-        arr = gguf.quants.dequantize(t.data, qtype)
-    shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGML lists ne0 (columns) first
-    return arr.reshape(shape)
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run torch ops single-threaded. Dequantizing is a few memory-bound elementwise passes per tensor, and
+    OpenMP's spin-waiting turns each multi-threaded pass into a stall when the cores are busy: on a shared
+    2-core box the default model's weights took 14 s of CPU with 2 threads against 0.3 s with one."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _as_torch(raw: np.ndarray) -> torch.Tensor:
+    # The file map is read-only; torch warns about that although we only ever read from these views.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(raw)
+
+
+def _f16_fields(data: torch.Tensor, block_bytes: int, n_fields: int) -> torch.Tensor:
+    """The first `n_fields` fp16 values of every block, as fp32 (n_blocks, n_fields), in one strided op
+    (every block size we read is even, so the blocks tile an fp16 view of the bytes)."""
+    return data.view(torch.float16).view(-1, block_bytes // 2)[:, :n_fields].float()
+
+
+def _unpack_nibbles(qs: torch.Tensor, out: torch.Tensor) -> None:
+    """GGML's 4-bit layout: the low nibbles of a block's 16 bytes are values 0..15, the high ones 16..31."""
+    out.view(-1, 2, 16).copy_(torch.stack((qs, qs >> 4), dim=1) & 0x0F)
+
+
+def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...], out: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """Dequantize one tensor's raw bytes to fp32 of `shape`, written into `out` (contiguous fp32) if given.
+
+    Same values, bit for bit, as gguf.quants.dequantize: the arithmetic is done in fp32 in the same order
+    (d * q, then + m), just vectorised with torch instead of numpy row groups.
+    """
+    name = ggml_type_name(ggml_type)
+    if name not in SUPPORTED_TYPES:
+        raise UnsupportedModelError(f"GGUF tensor type {name} is not supported")
+    block, type_size = gguf.GGML_QUANT_SIZES[_Q(ggml_type)]
+    n_elements = int(np.prod(shape, dtype=np.int64))
+    if n_elements % block or raw.nbytes != n_elements // block * type_size:
+        raise ValueError(f"{raw.nbytes} bytes of {name} cannot hold a tensor of shape {tuple(shape)}")
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32)
+    elif tuple(out.shape) != tuple(shape) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous fp32 tensor of shape {shape}")
+    with _one_thread():
+        _dequantize_into(_as_torch(raw), raw, ggml_type, shape, out)
+    return out
+
+
+def _dequantize_into(data: torch.Tensor, raw: np.ndarray, ggml_type: int, shape: tuple[int, ...],
+                     out: torch.Tensor) -> None:
+    if ggml_type == _Q.F32:
+        out.view(-1).copy_(data.view(torch.float32))
+    elif ggml_type == _Q.F16:
+        out.view(-1).copy_(data.view(torch.float16))
+    elif ggml_type == _Q.BF16:
+        out.view(-1).copy_(data.view(torch.bfloat16))  # exact: bf16 is the top half of an fp32
+    elif ggml_type == _Q.Q8_0:  # 34-byte blocks: fp16 d, 32 x int8; x = q * d
+        o = out.view(-1, 32)
+        o.copy_(data.view(-1, 34)[:, 2:].view(torch.int8))
+        o.mul_(_f16_fields(data, 34, 1))
+    elif ggml_type == _Q.Q4_0:  # 18-byte blocks: fp16 d, 16 bytes of nibbles; x = (q - 8) * d
+        o = out.view(-1, 32)
+        _unpack_nibbles(data.view(-1, 18)[:, 2:], o)
+        o.sub_(8).mul_(_f16_fields(data, 18, 1))
+    elif ggml_type == _Q.Q4_1:  # 20-byte blocks: fp16 d, fp16 m, 16 bytes of nibbles; x = d * q + m
+        o = out.view(-1, 32)
+        _unpack_nibbles(data.view(-1, 20)[:, 4:], o)
+        dm = _f16_fields(data, 20, 2)
+        o.mul_(dm[:, :1]).add_(dm[:, 1:])
+    else:  # K-quants, Q5_x: the gguf package's numpy code, on (rows, bytes per row)
+        rows = raw.reshape(-1, raw.nbytes // max(1, int(np.prod(shape[:-1], dtype=np.int64))))
+        out.view(-1).copy_(torch.from_numpy(gguf.quants.dequantize(rows, _Q(ggml_type)).reshape(-1)))
 
 
 class GGUFCheckpoint:
-    """An opened GGUF file: `.config`, `.metadata`, and `tensors(dtype)` yielding our state-dict entries."""
+    """An opened GGUF file: `.config`, `.metadata`, `.file` (the parsed GGUFFile), and `tensors(dtype)`
+    yielding our state-dict entries."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.reader = open_gguf(self.path)
-        self.metadata = read_metadata(self.reader)
-        self.raw = {t.name: t for t in self.reader.tensors}
+        self.file: GGUFFile = open_gguf(self.path)
+        self.metadata = dict(self.file.metadata)
+        self.raw: dict[str, TensorInfo] = self.file.tensors
         try:
             self.config = ModelConfig.from_gguf(self.metadata, set(self.raw))
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, ZeroDivisionError) as e:
             raise CorruptCheckpointError(f"{self.path}: GGUF metadata is missing a model field ({e})") from e
         if "rope_freqs.weight" in self.raw:
-            self.config.rope_freq_factors = _dequantize(self.raw["rope_freqs.weight"]).astype(float).tolist()
+            self.config.rope_freq_factors = self._dequant("rope_freqs.weight").tolist()
 
-    def _get(self, name: str) -> torch.Tensor:
+    @property
+    def reader(self) -> gguf.GGUFReader:
+        """The gguf package's reader of the same file, for callers that want it (slow: it parses the whole
+        vocabulary into numpy views, ~3 s for a 49k-token one); loading never uses it."""
+        return gguf.GGUFReader(str(self.path))
+
+    def _info(self, name: str) -> TensorInfo:
         if name not in self.raw:
             raise CorruptCheckpointError(f"{self.path}: tensor {name!r} is missing")
-        arr = np.ascontiguousarray(_dequantize(self.raw[name]), dtype=np.float32)
-        if not arr.flags.writeable:  # F32 tensors come straight from the read-only memmap
-            arr = arr.copy()
-        return torch.from_numpy(arr)
+        return self.raw[name]
+
+    def _dequant(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        info = self._info(name)
+        try:
+            return dequantize(self.file.data(name), info.ggml_type, info.shape, out)
+        except UnsupportedModelError as e:
+            raise UnsupportedModelError(f"{self.path}: tensor {name!r}: {e}") from e
+
+    def _get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        with _one_thread():
+            t = self._dequant(name)  # always a fresh tensor, never a view of the file map
+            return t if dtype == torch.float32 else t.to(dtype)
+
+    def _fused(self, parts: list[tuple[str, int | None]], dtype: torch.dtype) -> torch.Tensor:
+        """Concatenate tensors along rows into one preallocated tensor (no torch.cat copy); a part with a
+        head count is un-permuted (llama q/k) on the way."""
+        infos = [self._info(name) for name, _ in parts]
+        cols = {info.shape[1:] for info in infos}
+        if len(cols) != 1:
+            shapes = ", ".join(f"{i.name} {i.shape}" for i in infos)
+            raise CorruptCheckpointError(f"{self.path}: cannot fuse tensors of different widths: {shapes}")
+        out = torch.empty((sum(i.shape[0] for i in infos), *cols.pop()), dtype=dtype)
+        with _one_thread():
+            self._fill(out, infos, parts)
+        return out
+
+    def _fill(self, out: torch.Tensor, infos: list[TensorInfo], parts: list[tuple[str, int | None]]) -> None:
+        dtype, row = out.dtype, 0
+        for info, (name, heads) in zip(infos, parts, strict=True):
+            dst = out[row:row + info.shape[0]]
+            row += info.shape[0]
+            if heads is None and dtype == torch.float32:
+                self._dequant(name, dst)  # straight into the fused tensor
+            else:
+                t = self._dequant(name)
+                if heads is not None:
+                    if info.shape[0] % (2 * heads):
+                        raise CorruptCheckpointError(
+                            f"{self.path}: {name} has {info.shape[0]} rows, not divisible into {heads} heads")
+                    t = unpermute_qk(t, heads)
+                dst.copy_(t)  # rounds to `dtype` once, from the exact fp32 values
 
     def tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
         cfg = self.config
         permute = cfg.arch == "llama"  # llama.cpp permutes q/k only for LLAMA-arch (incl. Mistral) files
+        q_heads, k_heads = (cfg.num_heads, cfg.num_kv_heads) if permute else (None, None)
         for src, dst in _GLOBAL_NAMES.items():
             if src in self.raw:
-                yield dst, self._get(src).to(dtype)
+                yield dst, self._get(src, dtype)
         for i in range(cfg.num_layers):
             p = f"blk.{i}."
             for src, dst in _LAYER_NAMES.items():
                 if p + src in self.raw:
-                    yield f"layers.{i}.{dst}", self._get(p + src).to(dtype)
+                    yield f"layers.{i}.{dst}", self._get(p + src, dtype)
             if p + "attn_q.weight" in self.raw:
-                q, k = self._get(p + "attn_q.weight"), self._get(p + "attn_k.weight")
-                if permute:
-                    q, k = unpermute_qk(q, cfg.num_heads), unpermute_qk(k, cfg.num_kv_heads)
-                v = self._get(p + "attn_v.weight")
-                yield f"layers.{i}.self_attn.qkv_proj.weight", torch.cat([q, k, v]).to(dtype)
+                yield f"layers.{i}.self_attn.qkv_proj.weight", self._fused(
+                    [(p + "attn_q.weight", q_heads), (p + "attn_k.weight", k_heads), (p + "attn_v.weight", None)],
+                    dtype)
                 if cfg.attention_bias:
-                    qb, kb = self._get(p + "attn_q.bias"), self._get(p + "attn_k.bias")
-                    if permute:
-                        qb, kb = unpermute_qk(qb, cfg.num_heads), unpermute_qk(kb, cfg.num_kv_heads)
-                    vb = self._get(p + "attn_v.bias")
-                    yield f"layers.{i}.self_attn.qkv_proj.bias", torch.cat([qb, kb, vb]).to(dtype)
+                    yield f"layers.{i}.self_attn.qkv_proj.bias", self._fused(
+                        [(p + "attn_q.bias", q_heads), (p + "attn_k.bias", k_heads), (p + "attn_v.bias", None)],
+                        dtype)
             elif cfg.attention_bias and p + "attn_qkv.bias" in self.raw:
-                yield f"layers.{i}.self_attn.qkv_proj.bias", self._get(p + "attn_qkv.bias").to(dtype)
+                yield f"layers.{i}.self_attn.qkv_proj.bias", self._get(p + "attn_qkv.bias", dtype)
             if p + "ffn_gate.weight" in self.raw:
-                gate, up = self._get(p + "ffn_gate.weight"), self._get(p + "ffn_up.weight")
-                yield f"layers.{i}.mlp.gate_up_proj.weight", torch.cat([gate, up]).to(dtype)
+                yield f"layers.{i}.mlp.gate_up_proj.weight", self._fused(
+                    [(p + "ffn_gate.weight", None), (p + "ffn_up.weight", None)], dtype)
             else:  # phi3 stores [gate; up] fused in ffn_up
-                yield f"layers.{i}.mlp.gate_up_proj.weight", self._get(p + "ffn_up.weight").to(dtype)
+                yield f"layers.{i}.mlp.gate_up_proj.weight", self._get(p + "ffn_up.weight", dtype)
         known = set(_GLOBAL_NAMES) | {"rope_freqs.weight"}
         for name in self.raw:
             m = _LAYER_RE.match(name)

@@ -6,12 +6,18 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
 from ..config import ModelConfig
 from ..errors import CorruptCheckpointError, ModelNotFoundError
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
 
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _DIRECT = {
@@ -26,11 +32,32 @@ _FUSED = {  # our fused name -> HF parts, in row order
 }
 
 
-def read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`; a missing file, bad JSON or a non-object is a one-line typed error."""
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path}: no such file")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CorruptCheckpointError(f"{path}: invalid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise CorruptCheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def config_from_hf_dict(cfg: dict[str, Any], where: str | Path = "config.json") -> ModelConfig:
+    """ModelConfig.from_hf, with a missing or mistyped field reported as CorruptCheckpointError."""
+    try:
+        return ModelConfig.from_hf(cfg)
+    except KeyError as e:
+        raise CorruptCheckpointError(f"{where}: missing required field {e.args[0]!r}") from e
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise CorruptCheckpointError(f"{where}: invalid value ({e})") from e
+
+
+def config_from_hf_file(path: Path) -> ModelConfig:
+    """A ModelConfig from an HF config.json (no weights needed)."""
+    return config_from_hf_dict(read_json(path), path)
 
 
 class HFCheckpoint:
@@ -42,30 +69,33 @@ class HFCheckpoint:
         if not cfg_path.is_file():
             raise ModelNotFoundError(f"{self.path}: no config.json (not an HF model folder)")
         self.hf_config = read_json(cfg_path)
-        self.config = ModelConfig.from_hf(self.hf_config)
+        self.config = config_from_hf_dict(self.hf_config, cfg_path)
         gen_path = self.path / "generation_config.json"
-        if gen_path.is_file():
+        if gen_path.is_file():  # generation_config.json's eos ids (e.g. Llama 3's <|eot_id|>) also end a turn
             eos = read_json(gen_path).get("eos_token_id")
-            if eos is not None:
-                for e in eos if isinstance(eos, list) else [eos]:
-                    if e not in self.config.eos_token_ids:
-                        self.config.eos_token_ids.append(e)
+            for e in eos if isinstance(eos, list) else [eos]:
+                if isinstance(e, int) and e not in self.config.eos_token_ids:
+                    self.config.eos_token_ids.append(e)
         self.files = self._weight_files()
         self.index: dict[str, Path] = {}
-        self.handles = {}
+        self.handles: dict[Path, Any] = {}
         for f in self.files:
             try:
                 h = safe_open(str(f), framework="pt")
-            except Exception as e:
-                raise CorruptCheckpointError(f"{f}: not a readable safetensors file ({e})") from e
+                keys = list(h.keys())
+            except Exception as e:  # safetensors raises SafetensorError (not exported in every version)
+                raise CorruptCheckpointError(f"{f}: not a readable safetensors file ({_one_line(e)})") from e
             self.handles[f] = h
-            for key in h.keys():
+            for key in keys:
                 self.index[key] = f
 
     def _weight_files(self) -> list[Path]:
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
-            names = sorted(set(read_json(index).get("weight_map", {}).values()))
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CorruptCheckpointError(f"{index}: no 'weight_map' entries")
+            names = sorted(set(weight_map.values()))
             files = [self.path / n for n in names]
             missing = [str(f.name) for f in files if not f.is_file()]
             if missing:
@@ -82,7 +112,7 @@ class HFCheckpoint:
         try:
             return self.handles[self.index[name]].get_tensor(name)
         except Exception as e:
-            raise CorruptCheckpointError(f"{self.index[name]}: cannot read tensor {name!r} ({e})") from e
+            raise CorruptCheckpointError(f"{self.index[name]}: cannot read tensor {name!r} ({_one_line(e)})") from e
 
     def tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
         cfg = self.config

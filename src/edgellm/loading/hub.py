@@ -1,7 +1,7 @@
 """Hub ids via huggingface_hub: `org/name` (safetensors repo) or `org/name:file.gguf` (one GGUF file).
 
-The local cache is honoured; with HF_HUB_OFFLINE=1 (or no network) only cached files are used, and a
-missing one is a clear ModelNotFoundError instead of a traceback.
+The local cache (HF_HUB_CACHE) is honoured; with HF_HUB_OFFLINE=1 only cached files are used, and a missing
+one is a clear ModelNotFoundError instead of a traceback.
 """
 
 from __future__ import annotations
@@ -16,10 +16,17 @@ ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
 
 
 def looks_like_hub_id(value: str) -> bool:
+    """`org/name` or `org/name:file.gguf` (a relative path such as `./x/y` or `~/x` is not one)."""
     return bool(_HUB_ID.match(value)) and not value.startswith((".", "/", "~"))
 
 
+def _reason(e: BaseException) -> str:
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    return f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__
+
+
 def download_from_hub(model_id: str) -> Path:
+    """The local path of a hub model (a snapshot folder, or one GGUF file), from the cache or downloaded."""
     try:
         import huggingface_hub
         from huggingface_hub import constants
@@ -29,11 +36,19 @@ def download_from_hub(model_id: str) -> Path:
     offline = bool(constants.HF_HUB_OFFLINE)
     try:
         if filename:
-            return Path(huggingface_hub.hf_hub_download(repo, filename, local_files_only=offline))
-        return Path(huggingface_hub.snapshot_download(repo, allow_patterns=ALLOW_PATTERNS,
-                                                      local_files_only=offline))
+            path = Path(huggingface_hub.hf_hub_download(repo, filename, local_files_only=offline))
+        else:
+            path = Path(huggingface_hub.snapshot_download(repo, allow_patterns=ALLOW_PATTERNS,
+                                                          local_files_only=offline))
     except Exception as e:  # LocalEntryNotFoundError, RepositoryNotFoundError, connection errors, ...
-        why = "offline and not in the local cache" if offline else type(e).__name__
-        hint = (f" (cache: {constants.HF_HUB_CACHE}; set HF_HUB_OFFLINE=0 when online, "
-                "or pass a local path)")
-        raise ModelNotFoundError(f"hub model {model_id!r} unavailable: {why}{hint}") from e
+        why = "HF_HUB_OFFLINE=1 and it is not in the local cache" if offline else _reason(e)
+        raise ModelNotFoundError(
+            f"model {model_id!r} not found: no such local path, and the hub copy is unavailable ({why}; "
+            f"cache: {constants.HF_HUB_CACHE})"
+        ) from e
+    if not filename and not (path / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"hub model {model_id!r} has no config.json in {path}; for a GGUF repo name one file: "
+            f"{repo}:<file>.gguf"
+        )
+    return path

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, MMLU and multiple-choice reasoning."""

@@ -1,0 +1,71 @@
+"""Model surgery: which linears get quantized, and swapping them for `QLinearPerGrp` (real quantization)
+or for their dequantized float weights (fake quantization, for evaluation)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..model import Transformer
+from .linear import QLinearPerGrp
+from .pergroup import QuantizedWeight, quantize
+from .spec import QuantSpec
+
+LAYER_LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+
+
+def linear_names(model: Transformer, include_lm_head: bool) -> list[str]:
+    names = [f"layers.{i}.{n}" for i in range(len(model.layers)) for n in LAYER_LINEARS]
+    return names + (["lm_head"] if include_lm_head else [])
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def lm_head_is_tied(model: Transformer) -> bool:
+    head = model.lm_head
+    return isinstance(head, nn.Linear) and head.weight is model.embed_tokens.weight
+
+
+def rtn_weights(model: Transformer, spec: QuantSpec) -> dict[str, QuantizedWeight]:
+    """Round-to-nearest per-group codes for every linear the spec covers, from the current float weights."""
+    return {name: quantize(get_module(model, name).weight, spec.w_bit, spec.group_size, spec.sym)
+            for name in linear_names(model, spec.quantize_lm_head)}
+
+
+def round_floats_through_fp16(model: Transformer) -> None:
+    """Round every float parameter that stays float (embedding, norms, biases) to float16 values.
+
+    Checkpoints store float tensors in float16, as AutoAWQ's do; rounding the in-memory model the same way
+    makes quantize -> save -> load give identical logits."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != torch.float16:
+            p.data = p.data.to(torch.float16).to(p.dtype)
+
+
+def install(model: Transformer, weights: dict[str, QuantizedWeight], dtype: torch.dtype, fake: bool = False,
+            backend: str = "auto") -> None:
+    """Put quantized weights into the model: QLinearPerGrp modules, or (fake) dequantized nn.Linear weights.
+
+    A quantized lm_head of a tied-embedding model gets its own weight; the embedding keeps the float one."""
+    for name, qw in weights.items():
+        old = get_module(model, name)
+        bias = old.bias.detach() if getattr(old, "bias", None) is not None else None
+        if fake:
+            lin = nn.Linear(qw.in_features, qw.out_features, bias=bias is not None, device="meta")
+            lin.weight = nn.Parameter(qw.dequantize(dtype), requires_grad=False)
+            if bias is not None:
+                lin.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+            set_module(model, name, lin)
+        else:
+            set_module(model, name, QLinearPerGrp.from_quantized(qw, bias, dtype=dtype, backend=backend))
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QLinearPerGrp]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QLinearPerGrp)}

@@ -1,0 +1,39 @@
+"""The batching engine: right-padded batches over a shared, copied KV prefix give the logits of a plain
+forward of each whole prompt."""
+
+from __future__ import annotations
+
+import torch
+
+from edgellm.eval.cache import ResultStore
+from edgellm.eval.engine import Request, Runner, common_prefix_len, plan
+
+
+def test_common_prefix_len():
+    assert common_prefix_len([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
+    assert common_prefix_len([[5], [6]]) == 0 and common_prefix_len([]) == 0
+
+
+def test_plan_respects_budget_and_positions():
+    reqs = [Request(str(i), [7] * 20 + list(range(i + 1)), [19 + i]) for i in range(10)]
+    p = plan([reqs], batch_tokens=16, max_rows=3)
+    assert p.prefix == [19]  # capped at the first wanted position
+    assert all(len(b.requests) <= 3 for b in p.batches)
+    assert sorted(r.key for b in p.batches for r in b.requests) == sorted(r.key for r in reqs)
+
+
+def test_shared_prefix_batches_match_plain_forward(llm_fp32):
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(100, 5000, (40,), generator=g).tolist()
+    reqs = []
+    for i, n in enumerate([3, 9, 1, 6]):
+        tail = torch.randint(100, 5000, (n,), generator=g).tolist()
+        ids = prefix + tail
+        reqs.append(Request(f"r{i}", ids, list(range(len(ids) - min(n, 3), len(ids)))))
+    runner = Runner(llm_fp32, ResultStore(None, "t"), progress=False)
+    p = runner.plan([reqs], batch_tokens=64)
+    assert p.prefix == [40] and len(p.batches) >= 1
+    got = runner.run(p, lambda r, logits: logits.tolist())
+    for r in reqs:
+        ref = llm_fp32.logits(r.ids)[r.positions]
+        assert (torch.tensor(got[r.key]) - ref).abs().max().item() < 1e-3

@@ -1,0 +1,111 @@
+"""The static-shape decode step (the function the fast path compiles) against the eager cached forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import edgellm
+from edgellm.fast import CompiledDecoder, bucket, compiler_available
+from tests.conftest import TINY_CONFIGS
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def decode_both(llm, ids: list[int], steps: int, cache_len: int, step_fn=None):
+    """Feed the same tokens through forward(use_cache) and decode_step; return both logit sequences."""
+    model = llm.model
+    step_fn = step_fn or model.decode_step
+    out = {}
+    for mode in ("forward", "step"):
+        model.setup_cache(1, cache_len)
+        logits = [model(torch.tensor([ids[:8]]), 0, use_cache=True)[0, -1].float()]
+        for t in range(8, 8 + steps):
+            tok = torch.tensor([[ids[t]]])
+            if mode == "forward":
+                logits.append(model(tok, t, use_cache=True)[0, -1].float())
+            else:
+                logits.append(step_fn(tok, torch.tensor([t]))[0])
+        out[mode] = torch.stack(logits)
+    return out["forward"], out["step"]
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("name", list(TINY_CONFIGS))
+def test_decode_step_matches_forward(tiny_checkpoints, name):
+    llm = edgellm.load(tiny_checkpoints[name], dtype="fp32")
+    ids = torch.randint(3, 320, (80,), generator=torch.Generator().manual_seed(0)).tolist()
+    # a cache bigger than needed (as the bucketed fast path allocates) must not change anything
+    ref, got = decode_both(llm, ids, 70, cache_len=128)
+    assert (ref - got).abs().max().item() <= 1e-4, name
+
+
+def test_bucket_sizes():
+    assert bucket(1) == 512 and bucket(512) == 512 and bucket(513) == 1024
+
+
+@pytest.mark.skipif(compiler_available() is not None, reason="no C++ compiler for torch.compile")
+@torch.inference_mode()
+def test_compiled_step_matches_eager(tiny_checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGELLM_CACHE", str(tmp_path))
+    llm = edgellm.load(tiny_checkpoints["mistral"], dtype="fp32")  # rolling cache + window mask
+    fast = CompiledDecoder(llm.model)
+    assert fast.enabled
+    ids = torch.randint(3, 320, (48,), generator=torch.Generator().manual_seed(1)).tolist()
+    ref, got = decode_both(llm, ids, 40, cache_len=64, step_fn=fast.step)
+    assert (ref - got).abs().max().item() <= 1e-4
+    assert fast.compile_s > 0
+
+
+def test_generator_uses_bucketed_cache(tiny_checkpoints):
+    llm = edgellm.load(tiny_checkpoints["llama"], dtype="fp32")
+    llm.generator.compiled = CompiledDecoder.__new__(CompiledDecoder)  # eager stand-in: same code path
+    llm.generator.compiled.model, llm.generator.compiled._fn = llm.model, None
+    llm.generator.compiled.compile_s, llm.generator.compiled.note = 0.0, ""
+    text = llm.generate("hello world", max_new_tokens=8, ignore_eos=True)
+    assert llm.model.layers[0].self_attn.cache.k.shape[2] == 256  # bucket(…)=512 capped at the 256 context
+    eager = edgellm.load(tiny_checkpoints["llama"], dtype="fp32")
+    assert text == eager.generate("hello world", max_new_tokens=8, ignore_eos=True)
+
+
+def greedy_with_gaps(llm, ids: list[int], n: int, step) -> tuple[list[int], list[float]]:
+    """Greedy tokens and, per step, the gap between the top-two logits."""
+    model = llm.model
+    model.setup_cache(1, bucket(len(ids) + n))
+    logits = model(torch.tensor([ids]), 0, use_cache=True, last_only=True)[0, -1].float()
+    tokens, gaps = [], []
+    for i in range(n):
+        top = logits.topk(2).values
+        gaps.append(float(top[0] - top[1]))
+        tokens.append(int(logits.argmax()))
+        logits = step(torch.tensor([[tokens[-1]]]), torch.tensor([len(ids) + i]))
+    return tokens, gaps
+
+
+@pytest.mark.skipif(compiler_available() is not None, reason="no C++ compiler for torch.compile")
+@torch.inference_mode()
+def test_fast_path_greedy_equals_eager_on_demo_prompts(default_gguf):
+    """128 greedy tokens per demo prompt (bf16): identical, or the first difference is a near-tie
+    (top-two logits within 0.5 in the eager run), which bf16 rounding may legitimately flip."""
+    from edgellm.cli import DEMO_PROMPTS
+
+    torch.set_num_threads(2)
+    llm = edgellm.load(default_gguf, dtype="bf16")
+    fast = CompiledDecoder(llm.model)
+    model = llm.model
+
+    def eager(tok, pos):
+        return model(tok, int(pos), use_cache=True)[0, -1].float()
+
+    for prompt in DEMO_PROMPTS:
+        ids = llm.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        ref, gaps = greedy_with_gaps(llm, ids, 128, eager)
+        got, _ = greedy_with_gaps(llm, ids, 128, lambda t, p: fast.step(t, p)[0])
+        first = next((i for i in range(128) if ref[i] != got[i]), None)
+        assert first is None or gaps[first] <= 0.5, (prompt, first, gaps[first])
