@@ -146,34 +146,50 @@ class EdgeEngine(Engine):
 
 
 class LlamaCppEngine(Engine):
-    """llama-cpp-python on the same GGUF file, same threads, same prompt ids."""
+    """llama-cpp-python on the same GGUF file, same threads, same prompt ids, greedy over raw logits."""
 
-    def __init__(self, gguf_path: Path, threads: int, n_ctx: int) -> None:
-        import llama_cpp  # noqa: F401 - optional peer, installed by `make bench-peers`
+    def __init__(self, gguf_path: Path, threads: int, n_ctx: int, extra_bufts: bool = False) -> None:
+        import llama_cpp
+        from llama_cpp import llama_cpp as capi
 
         t0 = time.perf_counter()
-        kwargs = dict(model_path=str(gguf_path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
-                      n_batch=512, verbose=False, logits_all=False)
+        # The CPU "extra buffer types" (AMX / weight repacking) crash on quantized GGUFs on some CPUs, and the
+        # Llama() constructor has no flag for them: patch the default model params it starts from.
+        default_params = capi.llama_model_default_params
+
+        def params_without_extra_bufts():
+            params = default_params()
+            if hasattr(params, "use_extra_bufts"):
+                params.use_extra_bufts = extra_bufts
+            return params
+
+        capi.llama_model_default_params = params_without_extra_bufts
         try:
-            # The CPU "extra buffer types" (AMX/repack) crash on quantized GGUFs on some CPUs: turn them off.
-            self.llm = llama_cpp.Llama(**kwargs, use_extra_bufts=False)
-            self.note = "use_extra_bufts=False"
-        except TypeError:
-            self.llm = llama_cpp.Llama(**kwargs)
-            self.note = "use_extra_bufts not supported by this llama-cpp-python"
+            self.llm = llama_cpp.Llama(model_path=str(gguf_path), n_threads=threads, n_threads_batch=threads,
+                                       n_ctx=n_ctx, n_batch=512, n_ubatch=512, verbose=False)
+        finally:
+            capi.llama_model_default_params = default_params
+        self.note = f"llama-cpp-python {llama_cpp.__version__}, use_extra_bufts={extra_bufts}"
         self.load_s = time.perf_counter() - t0
         self.name = "llama.cpp"
+        self.n_vocab = self.llm.n_vocab()
+
+    def _argmax(self) -> int:
+        import numpy as np
+
+        logits = np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.n_vocab,))
+        return int(logits.argmax())
 
     def run(self, prompt_ids: list[int], new: int) -> Row:
         llm = self.llm
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(prompt_ids)
-        token = int(llm._scores[-1].argmax()) if hasattr(llm, "_scores") else llm.sample(temp=0.0)
+        token = self._argmax()
         t1 = time.perf_counter()
         for _ in range(new - 1):
             llm.eval([token])
-            token = int(llm._scores[-1].argmax()) if hasattr(llm, "_scores") else llm.sample(temp=0.0)
+            token = self._argmax()
         t2 = time.perf_counter()
         per = (t2 - t1) * 1e3 / max(new - 1, 1)
         return Row(0, len(prompt_ids), new, t2 - t0, (t1 - t0) * 1e3, per, 1e3 / per)
@@ -237,14 +253,18 @@ def run_rows(engine: Engine, prompts: list[list[int]], new: int, repeat: int,
     return rows
 
 
-def llama_bench_summary(engine: Engine, tokenizer, repeat: int, data: str | None) -> tuple[list[float], list[float]]:
+def llama_bench_summary(engine: Engine, tokenizer, repeat: int, data: str | None,
+                        max_context: int) -> tuple[list[float], list[float]]:
+    """llama-bench's pp512 (prefill a 512-token prompt) and tg128 (128 decoded tokens), at least 3 repeats.
+    Models with a shorter context use the longest prompt that fits."""
     ids = tokenizer.encode(benchmark_text(data))
-    p512 = prompt_of_length(ids, 512, offset=5000)
+    n_pp = min(512, max_context - 8)
+    prompt = prompt_of_length(ids, n_pp, offset=5000)
     pp, tg = [], []
     for _ in range(max(repeat, 3)):
-        r = engine.run(p512, 1)
-        pp.append(512 / (r.prefill_ms / 1e3))
-        r = engine.run(p512[:16], 129)
+        r = engine.run(prompt, 1)
+        pp.append(n_pp / (r.prefill_ms / 1e3))
+        r = engine.run(prompt[:16], min(129, max_context - 24))
         tg.append(r.tokens_per_s)
     return pp, tg
 
@@ -310,8 +330,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     add_compile_args(p)
     p.add_argument("--task", default="decode", choices=["decode", "benchmark", "benchmark_exact", "profile"])
-    p.add_argument("--quant", default=None, help="runtime weight format: int4, int8 or bf16 (default: as loaded)")
-    p.add_argument("--group-size", type=int, default=32, help="group size for --quant int4")
+    p.add_argument("--quant", default=None,
+                   help="quantize weights before timing, e.g. rtn:w4:g32 (int4 kernels), rtn:w8:g-1 (int8), "
+                        "awq:w4:g128; default: the checkpoint's weights in --dtype")
     p.add_argument("--prompt-len", type=int, nargs="+", default=None, help="override the task's prompt lengths")
     p.add_argument("--new-tokens", type=int, default=60)
     p.add_argument("--threads", type=int, default=None, help="default: physical cores")
@@ -326,7 +347,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .api import load
-    from .errors import InvalidArgumentError
 
     threads = args.threads or physical_cores()
     torch.set_num_threads(threads)
@@ -335,11 +355,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     llm = load(args.model, dtype=args.dtype, rope_type=args.rope_type, compile=args.compile)
     load_s = time.perf_counter() - t0
     if args.quant:
-        try:
-            from .quant.runtime import quantize_for_inference
-        except ImportError as e:
-            raise InvalidArgumentError(f"--quant {args.quant}: quantized kernels unavailable ({e})") from e
-        quantize_for_inference(llm.model, args.quant, group_size=args.group_size)
+        from .quant import quantize_llm
+
+        quantize_llm(llm, args.quant)
+        load_s = time.perf_counter() - t0  # load time includes quantizing and packing
     prompts = task_prompts(args.task, llm.tokenizer, args.prompt_len, args.data)
     if args.task == "profile":
         prompts = prompts[:1]
@@ -362,7 +381,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             continue
         res = BenchResult(engine.name, args.task, load_s=load_s if key == "edgellm" else engine.load_s)
         res.rows = run_rows(engine, prompts, args.new_tokens, args.repeat, log)
-        res.pp512, res.tg128 = llama_bench_summary(engine, llm.tokenizer, args.repeat, args.data)
+        res.pp512, res.tg128 = llama_bench_summary(engine, llm.tokenizer, args.repeat, args.data,
+                                                   llm.config.max_seq_len)
         res.compile_s, res.note, res.peak_rss_mb = engine.compile_s, engine.note, peak_rss_mb()
         results.append(res)
     breakdown = profile_breakdown(llm, prompts[0], args.new_tokens) if args.task == "profile" else None

@@ -48,6 +48,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true", help="keep results in memory only (no resume)")
     p.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS,
                    help=f"tokens per forward pass (default: {DEFAULT_BATCH_TOKENS})")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
@@ -63,6 +64,12 @@ def _load(model: str | None, args: argparse.Namespace) -> Any:
 
     if args.batch_tokens < 1:
         raise InvalidArgumentError("--batch-tokens must be >= 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InvalidArgumentError("--threads must be >= 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
     dtype = default_dtype() if args.dtype == "auto" else args.dtype
     return load(model, dtype=dtype, rope_type=args.rope_type)
 

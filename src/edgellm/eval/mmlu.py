@@ -127,6 +127,7 @@ class MMLUResult:
     shots_dropped: int = 0                        # questions that got fewer than `shot` examples
     other_scoring: dict[str, Any] = field(default_factory=dict)  # macro/micro of the other scoring
     questions: list[dict[str, Any]] | None = None  # per-question predictions (details=True)
+    cpu_s: float = 0.0                            # CPU time of all threads (process_time)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -169,7 +170,7 @@ def evaluate_mmlu(llm: Any, *, shot: int = 5, maxlen: int = 2048, subjects: list
     if limit is not None and limit < 1:
         raise InvalidArgumentError("--limit must be >= 1")
     maxlen = min(maxlen, llm.config.max_seq_len)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     folder = mmlu_dir(data_dir)
     available = mmlu_subjects(folder)
     if subjects:
@@ -216,4 +217,4 @@ def evaluate_mmlu(llm: Any, *, shot: int = 5, maxlen: int = 2048, subjects: list
                       correct=correct, total=total, wall_s=time.perf_counter() - t0,
                       forward_s=runner.forward_s, shots_dropped=sum(it.shots < shot for it in items),
                       other_scoring={"scoring": other, "macro": o_macro, "micro": o_micro},
-                      questions=questions)
+                      questions=questions, cpu_s=time.process_time() - c0)

@@ -41,6 +41,7 @@ class PerplexityResult:
     corpus_tokens: int
     wall_s: float
     forward_s: float
+    cpu_s: float = 0.0    # CPU time of all threads (process_time), for comparing under load
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,7 +97,7 @@ def evaluate_perplexity(llm: Any, ids: list[int], seqlen: int, *, protocol: str 
     if nsamples is not None and nsamples < 1:
         raise InvalidArgumentError("--nsamples must be >= 1")
     store = store if store is not None else ResultStore(None, "ppl")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     bos = llm.tokenizer.bos_id if llm.tokenizer.add_bos else None
     windows = make_windows(ids, seqlen, protocol, bos)
     if nsamples is not None:
@@ -130,4 +131,4 @@ def evaluate_perplexity(llm: Any, ids: list[int], seqlen: int, *, protocol: str 
     return PerplexityResult(model=model_name or fp["path"], dtype=fp["dtype"], data=data, source=source,
                             protocol=protocol, seqlen=seqlen, ppl=math.exp(mean), nll=mean, windows=n,
                             tokens_scored=count, corpus_tokens=len(ids), wall_s=time.perf_counter() - t0,
-                            forward_s=forward_s)
+                            forward_s=forward_s, cpu_s=time.process_time() - c0)

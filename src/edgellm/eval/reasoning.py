@@ -83,6 +83,7 @@ class TaskResult:
     metrics: dict[str, float]        # mc_acc, mc_acc_argmax, ll_acc, ll_acc_norm (those computed)
     wall_s: float
     forward_s: float
+    cpu_s: float = 0.0    # CPU time of all threads (process_time)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,7 +103,7 @@ def evaluate_task(llm: Any, task: str, *, shot: int = 0, modes: tuple[str, ...] 
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise InvalidArgumentError(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     items, pool = load_task(task, data_dir)
     if limit is not None:
         items = items[:limit]
@@ -182,4 +183,5 @@ def evaluate_task(llm: Any, task: str, *, shot: int = 0, modes: tuple[str, ...] 
         metrics["ll_acc_norm"] = acc_norm / len(items)
 
     return TaskResult(task=task, model=model_name or fp["path"], dtype=fp["dtype"], shot=shot, items=len(items),
-                      metrics=metrics, wall_s=time.perf_counter() - t0, forward_s=runner.forward_s)
+                      metrics=metrics, wall_s=time.perf_counter() - t0, forward_s=runner.forward_s,
+                      cpu_s=time.process_time() - c0)

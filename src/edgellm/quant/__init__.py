@@ -12,6 +12,7 @@ from .checkpoint import (
     QuantizedCheckpoint,
     describe_model,
     is_quantized_folder,
+    load_quantized_llm,
     load_quantized_model,
     pack_awq,
     save_quantized,
@@ -25,6 +26,6 @@ from .spec import QuantSpec, parse_quant
 __all__ = [
     "AWQOptions", "CalibConfig", "QLinearPerGrp", "QuantResult", "QuantSpec", "QuantizedCheckpoint",
     "QuantizedWeight", "calibration_ids", "dataset_text", "describe_model", "fake_quantize", "is_quantized_folder",
-    "load_quantized_model", "pack_awq", "parse_quant", "quantize", "quantize_llm", "quantize_model", "run_awq",
-    "save_quantized", "unpack_awq",
+    "load_quantized_llm", "load_quantized_model", "pack_awq", "parse_quant", "quantize", "quantize_llm",
+    "quantize_model", "run_awq", "save_quantized", "unpack_awq",
 ]

@@ -126,8 +126,8 @@ class AWQ:
     # ------------------------------------------------------------------ driver
     def run(self, calib_ids: torch.Tensor) -> list[LayerResult]:
         """Search and apply scales/clips to every layer of the (fp32) model, in place."""
-        model, opt = self.model, self.opt
-        n, t = calib_ids.shape
+        model = self.model
+        t = calib_ids.shape[1]
         cache = self._cache_folder(calib_ids)
         model.init_rope(max(t, model.config.max_seq_len))
         self.cos, self.sin = model.rope_cos[:t], model.rope_sin[:t]
@@ -200,7 +200,7 @@ class AWQ:
 
     # ------------------------------------------------------------------ one layer
     def _layer(self, layer: DecoderLayer, x: torch.Tensor) -> tuple[LayerResult, torch.Tensor]:
-        opt, spec = self.opt, self.spec
+        opt = self.opt
         caps = {k: _Capture(opt.search_samples) for k in ("qkv", "o", "gate_up", "down")}
         paths = {"qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj", "gate_up": "mlp.gate_up_proj",
                  "down": "mlp.down_proj"}
@@ -249,7 +249,6 @@ class AWQ:
                 with torch.inference_mode():
                     res.clips[key] = self._search_clip(w.detach()[rows].float(), feats)
             self._apply_clips(layer, res.clips)
-        del lb
         return res, x_next
 
     # ------------------------------------------------------------------ searches

@@ -44,7 +44,7 @@ def dataset_text(name: str, split: str) -> str:
     if key[0] == "wikitext2":
         # HF rows keep their "\n" and blank rows are ""; the recipe joins rows with "\n\n".
         return "\n\n".join("" if not line.strip() else line + "\n" for line in raw.split("\n")[:-1])
-    return "\n\n".join(line.strip() for line in raw.split("\n") if line.strip())  # HF ptb "sentence" rows
+    return " ".join(line.strip() for line in raw.split("\n") if line.strip())  # HF ptb "sentence" rows
 
 
 @dataclass

@@ -449,6 +449,22 @@ def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.bfloat16) 
     return ckpt.build(dtype), ckpt.config
 
 
+def load_quantized_llm(path: str | Path, dtype: str | torch.dtype = "bf16", compile: bool = False) -> LLM:
+    """What `edgellm.load(path)` returns once loading/__init__.py routes quantized folders here."""
+    from ..api import LLM
+    from ..loading import LoadedModel, parse_dtype
+    from ..tokenizer import Tokenizer
+
+    ckpt = QuantizedCheckpoint(path)
+    tokenizer = Tokenizer.from_hf_folder(path)
+    for e in tokenizer.eos_ids:  # as load_model does
+        if e not in ckpt.config.eos_token_ids:
+            ckpt.config.eos_token_ids.append(e)
+    tokenizer.eos_ids = list(ckpt.config.eos_token_ids)
+    model = ckpt.build(parse_dtype(dtype))
+    return LLM(LoadedModel(model, tokenizer, ckpt.config, str(path), Path(path), ckpt.format), compile=compile)
+
+
 def describe_model(path: str | Path) -> Transformer | None:
     """For `edgellm info` without --load: the module tree of a quantized folder (QLinearPerGrp where the
     checkpoint has quantized layers), built on the meta device from config.json alone. None otherwise."""

@@ -79,7 +79,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     backends: dict[str, int] = {}
     for m in layers.values():
         backends[m.backend] = backends.get(m.backend, 0) + 1
-    rows = [["quantized linears", len(layers)], ["runtime kernels", ", ".join(f"{k}: {v}" for k, v in backends.items())],
+    rows = [["quantized linears", len(layers)],
+            ["runtime kernels", ", ".join(f"{k}: {v}" for k, v in backends.items())],
             ["AutoAWQ layers (file group size)", f"{report.awq_layers} (g{report.file_group_size})"],
             ["edgellm sidecar layers", len(report.sidecar_layers)],
             ["size on disk (MB)", round(report.bytes_on_disk / 1e6, 1)],
@@ -89,3 +90,23 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     print(f"wrote {out}{os.sep}")
     return 0
+
+
+# ---------------------------------------------------------------------------------------------- for other verbs
+def add_quant_argument(p: argparse.ArgumentParser) -> None:
+    """`--quant SPEC` for evaluation verbs: fake-quantize the loaded model before measuring it."""
+    p.add_argument("--quant", default=None,
+                   help="fake-quantize first: Q3_0..Q8_0 (symmetric per-channel) or rtn|awq|awqplus:wBITS:gGROUP"
+                        "[:sym], e.g. rtn:w4:g128 (AWQ calibrates on WikiText-2 valid)")
+
+
+def apply_quant(llm, spec: str | None) -> str | None:
+    """Apply `--quant` to an `edgellm.load()`ed model in place (dequantized weights, same dtype); returns the
+    label to show (None when spec is None). Callers caching results must key them on this label too."""
+    if not spec:
+        return None
+    from .pipeline import quantize_llm
+
+    parsed = parse_quant(spec)
+    quantize_llm(llm, parsed, fake=True)
+    return parsed.label

@@ -59,7 +59,6 @@ class QLinearPerGrp(nn.Module):
         if (qw.in_features, qw.out_features) != (self.in_features, self.out_features):
             raise ValueError(f"weight is {qw.out_features}x{qw.in_features}, layer is "
                              f"{self.out_features}x{self.in_features}")
-        n, k = self.out_features, self.in_features
         self.w_bit, self.group_size, self.sym = qw.bits, qw.group_size, qw.sym
         # float16 scales kept bit-exact as int16: Module.to(dtype) converts float buffers, not integer ones.
         self._buf("scales16", qw.scales.to(torch.float16).contiguous().view(torch.int16))
