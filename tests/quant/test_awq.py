@@ -10,7 +10,7 @@ import torch
 
 import edgellm
 from edgellm.errors import InvalidArgumentError
-from edgellm.quant import AWQOptions, CalibConfig, QuantSpec, calibration_ids, quantize_llm, run_awq
+from edgellm.quant import AWQOptions, CalibConfig, QLinearPerGrp, QuantSpec, calibration_ids, quantize_llm, run_awq
 from edgellm.quant.convert import install, rtn_weights
 
 from .conftest import random_ids, rel_err
@@ -97,3 +97,26 @@ def test_calibration_data(tiny: dict[str, Path], data_dir: Path, tmp_path: Path)
     text = tmp_path / "notes.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
     assert calibration_ids(tok, CalibConfig(str(text), n_samples=4, seqlen=32)).shape == (4, 32)
+
+
+def test_awqplus_scales_the_lm_head_input_without_touching_norm_or_embedding(tiny: dict[str, Path],
+                                                                             monkeypatch) -> None:
+    import edgellm.quant.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "calibration_ids", lambda tok, cfg: random_ids(n=8, t=64, seed=5))
+    held_out = random_ids(n=4, t=64, seed=6)
+    errors = {}
+    for head_search in (False, True):
+        llm = edgellm.load(tiny["llama3_rope"], dtype="fp32")          # tied embeddings
+        with torch.no_grad():
+            llm.model.norm.weight[:4] *= 8
+        ref = llm.model(held_out)
+        norm, emb = llm.model.norm.weight.clone(), llm.model.embed_tokens.weight.clone()
+        quantize_llm(llm, "awqplus:w3:g32", dtype=torch.float32, log=lambda m: None,
+                     options=AWQOptions(search_samples=4, lm_head_search=head_search))
+        head = llm.model.lm_head
+        assert isinstance(head, QLinearPerGrp) and (head.input_scale is not None) == head_search
+        assert torch.equal(llm.model.norm.weight, norm.half().float())   # only rounded through fp16
+        assert torch.equal(llm.model.embed_tokens.weight, emb.half().float())
+        errors[head_search] = float((llm.model(held_out) - ref).pow(2).mean())
+    assert errors[True] < errors[False]

@@ -142,6 +142,23 @@ def test_awqplus_head_of_tied_model_and_qwen2_biases(tiny: dict[str, Path], tmp_
         assert torch.equal(again.model(ids), before)
 
 
+def test_awqplus_round_trip_keeps_the_lm_head_input_scale(tiny: dict[str, Path], tmp_path: Path,
+                                                          monkeypatch) -> None:
+    import edgellm.quant.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "calibration_ids", lambda tok, cfg: random_ids(n=4, t=32, seed=8))
+    llm = edgellm.load(tiny["llama3_rope"], dtype="fp32")
+    quantize_llm(llm, QuantSpec("awqplus", 4, 32), dtype=torch.bfloat16, log=lambda m: None)
+    ids = random_ids()
+    before = llm.model(ids)
+    save_quantized(llm, tmp_path / "q")
+    with safe_open(str(tmp_path / "q" / SIDECAR), "pt") as f:
+        assert "lm_head.input_scale" in f.keys()
+    again = _reload(tmp_path / "q")
+    assert torch.equal(again.model.lm_head.input_scale, llm.model.lm_head.input_scale)
+    assert torch.equal(again.model(ids), before)
+
+
 def test_phi3_keeps_fused_names(tiny: dict[str, Path], tmp_path: Path) -> None:
     llm = _quantized(tiny["phi3"], QuantSpec("rtn", 4, 32))
     save_quantized(llm, tmp_path / "q")

@@ -24,15 +24,18 @@ def _layer(n: int, k: int, bits: int, group: int, bias: bool = False, seed: int 
 @pytest.mark.parametrize("bits,backend", [(4, "int4"), (8, "int8")])
 @pytest.mark.parametrize("n,k", SHAPES)
 @pytest.mark.parametrize("group", [32, 64, 128])
-def test_kernel_matches_dequantized_reference(bits: int, backend: str, n: int, k: int, group: int) -> None:
+def test_kernel_matches_dequantized_reference(bits: int, backend: str, n: int, k: int, group: int,
+                                              monkeypatch) -> None:
     if not (K.int4_available() if bits == 4 else K.int8_available()):
         pytest.skip(f"{backend} kernel not available in this torch build")
     qw, layer, _ = _layer(n, k, bits, group)
     assert layer.backend == backend
     ref_w = qw.dequantize()
-    for rows in (1, 5, 40):   # 1, 5: the packed kernel; 40: the bf16 dequantized (prefill) path
-        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
-        assert rel_err(layer(x), x.float() @ ref_w.T) < 1e-2
+    for limit in (10 ** 9, 0):   # every row count through the packed kernel, then through the dequantized path
+        monkeypatch.setattr(QLinearPerGrp, "dequant_min_tokens", limit)
+        for rows in (1, 5, 40):
+            x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+            assert rel_err(layer(x), x.float() @ ref_w.T) < 1e-2
 
 
 @pytest.mark.parametrize("bits", [3, 4, 8])

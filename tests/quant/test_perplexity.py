@@ -45,7 +45,8 @@ def test_int4_kernel_perplexity_equals_fake_quant(default_gguf, data_dir, monkey
     ids = torch.tensor(llm.tokenizer.encode(dataset_text("wikitext2", "test")[:30000]))
     windows = dict(seqlen=128, n_windows=8)
     fake = windowed_perplexity(dequantized_copy(llm.model), ids, **windows)
-    dense = windowed_perplexity(llm.model, ids, **windows)               # prefill: bf16 dequantized path
+    monkeypatch.setattr(QLinearPerGrp, "dequant_min_tokens", 0)          # the bf16 dequantized (prefill) path
+    dense = windowed_perplexity(llm.model, ids, **windows)
     monkeypatch.setattr(QLinearPerGrp, "dequant_min_tokens", 10 ** 9)    # force the packed kernels
     kernel = windowed_perplexity(llm.model, ids, **windows)
     assert abs(kernel / fake - 1) < 0.005 and abs(dense / fake - 1) < 0.005

@@ -15,6 +15,7 @@ Per layer:
    errors are amplified by the softmax), as in llm-awq/AutoAWQ.
 Results of finished layers are cached on disk; a rerun with the same model, data and settings resumes at
 the first unfinished layer (inputs are recomputed by rerunning the cheap float forward of earlier layers).
+AWQ+ adds one more group after the last layer: final norm -> lm_head (see `_lm_head`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model import DecoderLayer, Transformer
+from .convert import ScaledLinear
 from .pergroup import fake_quantize, fake_quantize_groups, grouped
 from .spec import QuantSpec
 
@@ -47,6 +49,8 @@ class AWQOptions:
     clip_grid: int = 20
     max_shrink: float = 0.5
     clip_tokens: int = 512
+    lm_head_search: bool = True   # AWQ+: also search norm -> lm_head scales and lm_head clipping
+    head_samples: int = 2         # sequences whose logits score the lm_head search
     batch: int = 8                # sequences per forward batch
     compute_dtype: str = "bf16"   # block forward passes; weights and searches stay fp32
 
@@ -161,6 +165,21 @@ class AWQ:
             eta = self._eta(t_start, i, n_layers)
             if self.progress is not None:
                 self.progress(i, n_layers, dt, eta)
+        if self.spec.algorithm == "awqplus" and self.opt.lm_head_search:
+            cached = cache / f"lm_head_{self.opt.head_samples}.pt" if cache else None
+            t0 = time.perf_counter()
+            if cached is not None and cached.is_file():
+                res = LayerResult.from_dict(torch.load(cached, weights_only=True))
+                self._apply_head(res)
+                self.log(f"AWQ+ lm_head: resumed from {cached}")
+            else:
+                res = self._lm_head(x)
+                if cached is not None:
+                    torch.save(res.to_dict(), cached.with_suffix(".tmp"))
+                    cached.with_suffix(".tmp").replace(cached)
+                self.log(f"AWQ+ lm_head done in {_fmt_s(time.perf_counter() - t0)} "
+                         f"(search loss / RTN loss: {res.losses['lm_head']:.2f})")
+            results.append(res)
         return results
 
     @staticmethod
@@ -172,8 +191,9 @@ class AWQ:
             return None
         h = hashlib.sha256()
         spec = {k: getattr(self.spec, k) for k in ("w_bit", "group_size", "sym")}  # AWQ and AWQ+ share a search
-        h.update(json.dumps({"config": self.model.config.to_dict(), "spec": spec,
-                             "opt": {k: v for k, v in asdict(self.opt).items() if k != "batch"}},
+        layer_opts = {k: v for k, v in asdict(self.opt).items()  # what changes per-layer results
+                      if k not in ("batch", "lm_head_search", "head_samples")}
+        h.update(json.dumps({"config": self.model.config.to_dict(), "spec": spec, "opt": layer_opts},
                             sort_keys=True, default=str).encode())
         h.update(calib_ids.numpy().tobytes())
         with torch.no_grad():  # a cheap fingerprint of the weights
@@ -254,10 +274,14 @@ class AWQ:
     # ------------------------------------------------------------------ searches
     def _search_scale(self, cap: _Capture, w: torch.Tensor,
                       run: Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, float]:
-        spec, opt = self.spec, self.opt
         inp = cap.inputs
-        x_mean = cap.mean.float()
         ref = run([w], inp)
+        return self._grid(cap.mean.float(), w, lambda wq: _mse(run([wq], inp), ref))
+
+    def _grid(self, x_mean: torch.Tensor, w: torch.Tensor, loss_of: Callable[[torch.Tensor], float]
+              ) -> tuple[torch.Tensor, float]:
+        """The 20-point ratio grid: best scale, and its loss relative to plain RTN (s = 1)."""
+        spec, opt = self.spec, self.opt
         if opt.duo_scaling:
             wg = grouped(w.abs(), spec.group_size)
             w_mean = (wg / (wg.amax(-1, keepdim=True) + 1e-6)).reshape(w.shape[0], -1)[:, :w.shape[1]].mean(0)
@@ -267,16 +291,44 @@ class AWQ:
             s = x_mean.pow(r) / (w_mean.pow(1 - r) + 1e-4) if opt.duo_scaling else x_mean.pow(r)
             s = s.clamp(min=1e-4)
             s = s / (s.max() * s.min()).sqrt()
-            wq = fake_quantize(w * s, spec.w_bit, spec.group_size, spec.sym) / s
-            loss = _mse(run([wq], inp), ref)
+            loss = loss_of(fake_quantize(w * s, spec.w_bit, spec.group_size, spec.sym) / s)
             if i == 0 and not opt.duo_scaling:
                 loss_rtn = loss  # ratio 0 without duo scaling is s = 1, i.e. plain RTN
             if loss < best_loss:
                 best_loss, best_s = loss, s.clone()
         if opt.duo_scaling:  # for the log: how much the search gained over plain RTN (s = 1)
-            wq = fake_quantize(w, spec.w_bit, spec.group_size, spec.sym)
-            loss_rtn = _mse(run([wq], inp), ref)
+            loss_rtn = loss_of(fake_quantize(w, spec.w_bit, spec.group_size, spec.sym))
         return best_s, best_loss / max(loss_rtn, 1e-20)
+
+    # ------------------------------------------------------------------ AWQ+: the lm_head
+    def _lm_head(self, x: torch.Tensor) -> LayerResult:
+        """AWQ+ also searches a scale for lm_head's input. The final norm's output goes to lm_head only, but
+        folding 1/s into that norm would break other tools, which run a tied lm_head from the float
+        embedding; so lm_head becomes a ScaledLinear that divides its input by s itself. The loss is the
+        MSE of the logits of `head_samples` sequences; then lm_head is clipped like the other linears."""
+        model, opt = self.model, self.opt
+        norm = copy.deepcopy(model.norm).to(self.cdtype)
+        w = model.lm_head.weight.detach().float()
+        res = LayerResult()
+        with torch.inference_mode():
+            x_mean = sum(norm(x[b:b + opt.batch]).float().abs().sum((0, 1)) for b in range(0, len(x), opt.batch))
+            x_mean = x_mean / (x.shape[0] * x.shape[1])
+            h = norm(x[: opt.head_samples]).reshape(-1, x.shape[-1])
+            rows = 8192  # logits are computed a vocabulary slice at a time
+            ref = [F.linear(h, w[r:r + rows].to(self.cdtype)) for r in range(0, w.shape[0], rows)]
+
+            def loss_of(wq: torch.Tensor) -> float:
+                err = sum(float((F.linear(h, wq[r:r + rows].to(self.cdtype)) - ref[i]).float().pow_(2).sum())
+                          for i, r in enumerate(range(0, w.shape[0], rows)))
+                return err / (h.shape[0] * w.shape[0])
+
+            s, res.losses["lm_head"] = self._grid(x_mean, w, loss_of)
+            res.scales["lm_head"] = s
+            if opt.clip:
+                feats = h.float()[torch.linspace(0, h.shape[0] - 1, min(opt.clip_tokens, h.shape[0])).long()] / s
+                res.clips["lm_head"] = self._search_clip(w * s, feats)
+        self._apply_head(res)
+        return res
 
     def _search_clip(self, w: torch.Tensor, x: torch.Tensor, row_block: int = 1024) -> torch.Tensor:
         """Best max |w| per (row, group) for weight w (N, K) on input tokens x (T, K)."""
@@ -331,11 +383,23 @@ class AWQ:
                    "gate_up": (mlp.gate_up_proj.weight, 0), "down": (mlp.down_proj.weight, 0)}
         for key, max_val in clips.items():
             weight, r0 = targets[key]
-            w = weight[r0:]
-            k = w.shape[1]
-            wg = grouped(w, self.spec.group_size)
-            m = max_val[..., None].to(wg.dtype)
-            w.copy_(torch.clamp(wg, -m, m).reshape(w.shape[0], -1)[:, :k])
+            self._clamp_rows(weight[r0:], max_val)
+
+    @torch.no_grad()
+    def _clamp_rows(self, w: torch.Tensor, max_val: torch.Tensor) -> None:
+        """Clamp each (row, group) of w (a view, modified in place) to +-max_val."""
+        wg = grouped(w, self.spec.group_size)
+        m = max_val[..., None].to(wg.dtype)
+        w.copy_(torch.clamp(wg, -m, m).reshape(w.shape[0], -1)[:, :w.shape[1]])
+
+    @torch.no_grad()
+    def _apply_head(self, res: LayerResult) -> None:
+        """lm_head := ScaledLinear(W * s, input scale 1/s), clipped; a tied embedding keeps its weight."""
+        s = res.scales["lm_head"]
+        head = ScaledLinear(self.model.lm_head.weight.detach().float() * s[None, :], 1.0 / s)
+        if "lm_head" in res.clips:
+            self._clamp_rows(head.weight, res.clips["lm_head"])
+        self.model.lm_head = head
 
 
 def run_awq(model: Transformer, calib_ids: torch.Tensor, spec: QuantSpec, options: AWQOptions | None = None,

@@ -142,10 +142,13 @@ def _choose_file_group(layers: dict[str, tuple[QuantizedWeight, list]]) -> int |
     return max(fits, key=lambda g: (sum(_expressible(n, qw, p, g) for n, (qw, p) in layers.items()), g))
 
 
-def _sidecar_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+def _sidecar_tensors(name: str, qw: QuantizedWeight, module: QLinearPerGrp) -> dict[str, torch.Tensor]:
     codes = kernels.pack_nibbles(qw.q) if qw.bits <= 4 else qw.q.to(torch.uint8)
-    return {f"{name}.codes": codes.contiguous(), f"{name}.scales": qw.scales.to(torch.float16).contiguous(),
-            f"{name}.zeros": qw.zeros.to(torch.uint8).contiguous()}
+    out = {f"{name}.codes": codes.contiguous(), f"{name}.scales": qw.scales.to(torch.float16).contiguous(),
+           f"{name}.zeros": qw.zeros.to(torch.uint8).contiguous()}
+    if module.input_scale is not None:
+        out[f"{name}.input_scale"] = module.input_scale.float().contiguous()
+    return out
 
 
 def _write_tokenizer(tokenizer: Tokenizer, config: ModelConfig, source: Path | None, out: Path) -> None:
@@ -215,24 +218,24 @@ def save_quantized(llm: LLM, out_dir: str | Path, meta: dict[str, Any] | None = 
                 report.awq_layers += 1
                 continue
             # Not expressible: float16 copy for other tools, exact codes in the sidecar for edgellm.
-            for (hf, _), w in zip(parts, module.dequantized_weight(torch.float32).split(sizes), strict=True):
+            for (hf, _), w in zip(parts, module.effective_weight().split(sizes), strict=True):
                 tensors[f"{p}{hf}.weight"] = f16(w)
                 not_converted.append(f"{p}{hf}")
-            sidecar.update(_sidecar_tensors(name, qw))
+            sidecar.update(_sidecar_tensors(name, qw, module))
             sidecar_meta[name] = {"bits": qw.bits, "group_size": qw.group_size, "sym": qw.sym}
             report.sidecar_layers.append(name)
     head = model.lm_head
     tied = lm_head_is_tied(model)
     if isinstance(head, QLinearPerGrp):
         qw = quantized["lm_head"][0]
-        sidecar.update(_sidecar_tensors("lm_head", qw))
+        sidecar.update(_sidecar_tensors("lm_head", qw, head))
         sidecar_meta["lm_head"] = {"bits": qw.bits, "group_size": qw.group_size, "sym": qw.sym}
         report.sidecar_layers.append("lm_head")
         if config.tie_word_embeddings:
             report.notes.append("the quantized lm_head is in the edgellm sidecar only; AutoAWQ consumers tie "
                                 "lm_head to the float embedding")
         else:
-            tensors["lm_head.weight"] = f16(head.dequantized_weight(torch.float32))
+            tensors["lm_head.weight"] = f16(head.effective_weight())
             report.notes.append("AutoAWQ consumers cannot run a quantized lm_head: model.safetensors holds it "
                                 "dequantized in float16; the sidecar holds the codes")
     elif not tied:
@@ -425,6 +428,8 @@ class QuantizedCheckpoint:
         head_quantized = "lm_head" in self.sidecar_meta
         if head_quantized:
             model.lm_head = QLinearPerGrp.from_quantized(self._sidecar_weight("lm_head", cfg.hidden_size), dtype=dtype)
+            if "lm_head.input_scale" in self.sidecar.keys():
+                model.lm_head.set_input_scale(self.sidecar.get_tensor("lm_head.input_scale"))
         elif self.has("lm_head.weight"):
             state["lm_head.weight"] = self.get("lm_head.weight").to(dtype)
         model.load_state_dict(state, strict=False, assign=True)

@@ -14,6 +14,21 @@ from .spec import QuantSpec
 LAYER_LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
 
+class ScaledLinear(nn.Linear):
+    """y = (x * input_scale) @ W.T: a linear whose input is rescaled per channel (AWQ+'s lm_head, whose
+    scale cannot be folded into a preceding op). Quantizing it gives a QLinearPerGrp with the same
+    input_scale; fake quantization folds the scale back into the dequantized weight."""
+
+    def __init__(self, weight: torch.Tensor, input_scale: torch.Tensor) -> None:
+        super().__init__(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        # A plain attribute, not a buffer: Module.to(bf16) must not round it before quantization reads it.
+        self.input_scale = input_scale.float().clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x * self.input_scale.to(x.dtype))
+
+
 def linear_names(model: Transformer, include_lm_head: bool) -> list[str]:
     names = [f"layers.{i}.{n}" for i in range(len(model.layers)) for n in LAYER_LINEARS]
     return names + (["lm_head"] if include_lm_head else [])
@@ -57,14 +72,19 @@ def install(model: Transformer, weights: dict[str, QuantizedWeight], dtype: torc
     for name, qw in weights.items():
         old = get_module(model, name)
         bias = old.bias.detach() if getattr(old, "bias", None) is not None else None
+        in_scale = old.input_scale if isinstance(old, ScaledLinear) else None
         if fake:
+            w = qw.dequantize()
             lin = nn.Linear(qw.in_features, qw.out_features, bias=bias is not None, device="meta")
-            lin.weight = nn.Parameter(qw.dequantize(dtype), requires_grad=False)
+            lin.weight = nn.Parameter((w if in_scale is None else w * in_scale[None, :]).to(dtype),
+                                      requires_grad=False)
             if bias is not None:
                 lin.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
             set_module(model, name, lin)
         else:
-            set_module(model, name, QLinearPerGrp.from_quantized(qw, bias, dtype=dtype, backend=backend))
+            q = QLinearPerGrp.from_quantized(qw, bias, dtype=dtype, backend=backend)
+            q.set_input_scale(in_scale)
+            set_module(model, name, q)
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QLinearPerGrp]:

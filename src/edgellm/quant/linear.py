@@ -6,9 +6,9 @@ Backends, picked when the weight is set:
   correction for the zero points: x @ ((q - z) * s).T = sum_g (x_g @ (q_g - 128).T) * s_g
   + sum_g (sum(x_g) * (128 - z_g) * s_g).
 - "dense": no kernel available (or an unsupported group size): codes kept in our own layout.
-Every backend also has the bf16 dequantized path: for inputs of `dequant_min_tokens` rows or more
-(prefill, perplexity) the weight is dequantized to the input dtype a few thousand rows at a time and
-multiplied densely, which is faster than the low-bit kernels at that size.
+Every backend also has the bf16 dequantized path: for inputs of `DENSE_FROM_ROWS` rows or more (prefill,
+perplexity; 128 for int4, 32 for int8) the weight is dequantized to the input dtype a few thousand rows
+at a time and multiplied densely, which is faster than the low-bit kernels at that size.
 
 Inputs whose width is not a multiple of the kernel group are zero-padded at run time (the padded weight
 columns are never seen by real inputs). The exact float16 scales and integer zeros are always kept, so
@@ -22,13 +22,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .pergroup import QuantizedWeight, expand_groups
+from .pergroup import QuantizedWeight
 
 _CODE_OFFSET = 128  # int8 backend stores q - 128 so any 8-bit unsigned code fits a signed int8
 
 
 class QLinearPerGrp(nn.Module):
-    dequant_min_tokens: int = 32       # rows at or above which the dequantized (dense bf16) path is used
+    # Rows from which the dequantized dense path beats the packed kernel (measured, AVX512-BF16 CPU, bf16).
+    DENSE_FROM_ROWS = {"int4": 128, "int8": 32}
+    dequant_min_tokens: int | None = None   # one threshold for every backend instead (tests force kernels)
     dense_chunk_elems: int = 1 << 22   # weight elements dequantized at once on that path
 
     def __init__(self, in_features: int, out_features: int, w_bit: int, group_size: int, sym: bool = False,
@@ -38,6 +40,7 @@ class QLinearPerGrp(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.w_bit, self.group_size, self.sym = w_bit, group_size, sym
         self.backend = "unset"
+        self.register_buffer("input_scale", None, persistent=False)
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype),
                                  requires_grad=False) if bias else None
 
@@ -67,6 +70,13 @@ class QLinearPerGrp(nn.Module):
             backend = self._pick_backend()
         getattr(self, f"_setup_{backend}")(qw, dtype)
         self.backend = backend
+
+    def set_input_scale(self, scale: torch.Tensor | None) -> None:
+        """Multiply inputs by this per-channel fp32 vector first (AWQ+'s lm_head; see convert.ScaledLinear)."""
+        if scale is None:
+            self.input_scale = None
+        else:
+            self._buf("input_scale", scale.detach().float().clone())
 
     def _pick_backend(self) -> str:
         if self.w_bit <= 4:
@@ -137,13 +147,25 @@ class QLinearPerGrp(nn.Module):
         return self.codes[r0:r1]
 
     def dequantized_rows(self, r0: int, r1: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        q = self._codes(r0, r1).float()
-        s = expand_groups(self.scales[r0:r1].float(), self.group_size, self.in_features)
-        z = expand_groups(self.zeros[r0:r1].float(), self.group_size, self.in_features)
-        return ((q - z) * s).to(dtype)
+        """(q - z) * s for output rows r0:r1, computed in fp32 (one rounding to `dtype` at the end)."""
+        q = self._codes(r0, r1)
+        n, k = q.shape
+        ng = self.zeros.shape[1]
+        g = k if self.group_size == -1 else self.group_size
+        if ng * g != k:  # a short last group: pad it to a whole group, cut the columns off afterwards
+            q = F.pad(q, (0, ng * g - k))
+        s = self.scales[r0:r1].float().unsqueeze(-1)                   # (n, ng, 1)
+        z = self.zeros[r0:r1].float().unsqueeze(-1)
+        w = q.view(n, ng, g).float().sub_(z).mul_(s)                    # exactly QuantizedWeight.dequantize()
+        return w.view(n, ng * g)[:, :k].to(dtype)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.dequantized_rows(0, self.out_features, dtype)
+
+    def effective_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight this layer multiplies by (input scale folded in): what other tools get."""
+        w = self.dequantized_weight(torch.float32)
+        return (w if self.input_scale is None else w * self.input_scale[None, :]).to(dtype)
 
     def to_quantized(self) -> QuantizedWeight:
         return QuantizedWeight(self._codes(0, self.out_features).contiguous(), self.scales.clone(),
@@ -153,11 +175,15 @@ class QLinearPerGrp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "unset":
             raise RuntimeError("QLinearPerGrp has no weight yet (call set_weight)")
+        if self.input_scale is not None:
+            x = x * self.input_scale.to(x.dtype)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         rows = x2.shape[0]
         # fp32 inputs (reference evaluation) always take the exact dense path.
-        kernel = rows < self.dequant_min_tokens and x.dtype in (torch.bfloat16, torch.float16)
+        limit = self.dequant_min_tokens if self.dequant_min_tokens is not None else \
+            self.DENSE_FROM_ROWS.get(self.backend, 0)
+        kernel = rows < limit and x.dtype in (torch.bfloat16, torch.float16)
         if kernel and self.backend == "int4":
             y = self._forward_int4(x2)
         elif kernel and self.backend == "int8":
