@@ -219,16 +219,18 @@ def test_subprocess_generate_from_stdin(tiny: edgellm.LLM, tiny_path: str) -> No
 
 
 RSS_CHILD = r"""
-import json, resource
+import json
 import torch, edgellm
 
-def rss_bytes():
+def status_bytes(key):
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
 
-before = rss_bytes()
+before = status_bytes("VmRSS")
 llm = edgellm.load(dtype="bf16")
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child of a big pytest process would
+# report its parent's peak.
+peak = status_bytes("VmHWM")
 weights = {p.data_ptr(): p.numel() * p.element_size() for p in llm.model.parameters()}
 print(json.dumps({"before": before, "peak": peak, "weights": sum(weights.values()),
                   "dtypes": sorted({str(p.dtype) for p in llm.model.parameters()})}))

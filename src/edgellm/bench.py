@@ -61,6 +61,13 @@ class BenchResult:
 
 
 def peak_rss_mb() -> float:
+    """Peak resident memory of this process (VmHWM; ru_maxrss would include a parent's peak across exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 

@@ -22,7 +22,7 @@ TIMING_HEADERS = ["Example#", "Prompt Length (tokens)", "New Tokens Generated", 
                   "Prefill Phase (ms)", "Time/Token (ms)", "Tokens/Sec"]
 
 # Feature modules that add their own verbs: each exposes register(subparsers) -> None.
-FEATURE_MODULES: list[str] = ["edgellm.eval.cli", "edgellm.bench"]
+FEATURE_MODULES: list[str] = ["edgellm.eval.cli", "edgellm.quant.cli", "edgellm.bench"]
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -154,7 +154,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         if path.is_file() and path.suffix == ".json":
             config = config_from_hf_file(path)
         elif path.is_dir() and (path / "config.json").is_file():
+            from .quant.checkpoint import describe_model
+
             config = config_from_hf_file(path / "config.json")
+            model = describe_model(path)  # QLinearPerGrp layers for quantized folders, else None
         elif path.is_file() or (path.is_dir() and len(list(path.glob("*.gguf"))) == 1):
             config = GGUFCheckpoint(path if path.is_file() else next(path.glob("*.gguf"))).config
         else:

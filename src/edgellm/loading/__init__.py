@@ -134,9 +134,15 @@ def load_model(model: str | Path | None = None, dtype: str | torch.dtype = "bf16
         tokenizer = Tokenizer.from_gguf_metadata(ckpt.metadata)
         fmt = "gguf"
     else:
-        ckpt = HFCheckpoint(path)
+        from ..quant.checkpoint import QuantizedCheckpoint, is_quantized_folder
+
+        if is_quantized_folder(path):  # AutoAWQ "gemm" folder (ours or another tool's)
+            ckpt = QuantizedCheckpoint(path)
+            fmt = ckpt.format
+        else:
+            ckpt = HFCheckpoint(path)
+            fmt = "hf"
         tokenizer = Tokenizer.from_hf_folder(path)
-        fmt = "hf"
     config = ckpt.config
     if rope_type:
         config.with_rope_type(rope_type)
@@ -148,5 +154,8 @@ def load_model(model: str | Path | None = None, dtype: str | torch.dtype = "bf16
         if e not in config.eos_token_ids:
             config.eos_token_ids.append(e)
     tokenizer.eos_ids = list(config.eos_token_ids)
-    net = build_model(config, ckpt.tensors(torch_dtype), torch_dtype)
+    if isinstance(ckpt, GGUFCheckpoint | HFCheckpoint):
+        net = build_model(config, ckpt.tensors(torch_dtype), torch_dtype)
+    else:
+        net = ckpt.build(torch_dtype)
     return LoadedModel(net, tokenizer, config, str(model) if model else "default", path, fmt)
