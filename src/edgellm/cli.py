@@ -172,6 +172,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .report import markdown_table
 
     llm = load_from_args(args)
+    if llm.generator.compiled is not None:  # compile (or load the cached kernels) before timing anything
+        llm.generate("Hi", max_new_tokens=2, ignore_eos=True)
+        g = llm.generator
+        print(g.note or f"Compiled decode step ready in {g.compile_s:.1f} s (cached on disk for later runs)")
     print(f"Model: {llm.loaded.path} ({llm.config.arch}, {llm.dtype}, {args.max_new_tokens} new tokens, greedy)\n")
     rows = []
     for i, prompt in enumerate(DEMO_PROMPTS, 1):

@@ -64,6 +64,11 @@ def ensure_checkpoints(work: Path, log) -> None:
         (out / "quantize_seconds.txt").write_text(f"{time.perf_counter() - t:.1f}\n")
 
 
+def ppl_key(column: str, data: str, seqlen: int, budget: int, big_budget: int) -> str:
+    tokens = big_budget if seqlen in BIG_BUDGET_SEQLENS else budget
+    return f"ppl|{column}|{data}|{seqlen}|{tokens}"
+
+
 def run_perplexity(work: Path, results: dict, save, log, budget: int, big_budget: int) -> None:
     from ..eval.data import load_corpus
     from ..eval.perplexity import evaluate_perplexity
@@ -73,14 +78,14 @@ def run_perplexity(work: Path, results: dict, save, log, budget: int, big_budget
         for data in DATASETS:
             ids = None
             for seqlen in SEQLENS:
-                key = f"ppl|{column}|{data}|{seqlen}"
+                tokens = big_budget if seqlen in BIG_BUDGET_SEQLENS else budget
+                key = ppl_key(column, data, seqlen, budget, big_budget)
                 if key in results:
                     continue
                 if llm is None:
                     llm = load_column(work, column)
                 if ids is None:
                     ids = llm.tokenizer.encode(load_corpus(data, split="test").text)
-                tokens = big_budget if seqlen in BIG_BUDGET_SEQLENS else budget
                 n = min(len(ids) // seqlen, max(4, math.ceil(tokens / seqlen)))
                 r = evaluate_perplexity(llm, ids, seqlen, nsamples=n, progress=False, data=data)
                 results[key] = {"ppl": r.ppl, "windows": r.windows, "tokens": r.tokens_scored, "wall_s": r.wall_s}
@@ -104,7 +109,7 @@ def run_mmlu(work: Path, results: dict, save, log, limit: int) -> None:
 
 def rss_child(work: Path, column: str) -> dict[str, float]:
     """Run in a fresh process: load, generate 60 tokens; peak RSS of the generation, and of the whole run."""
-    import torch  # noqa: F401  (counted in the baseline)
+    import torch
 
     import edgellm  # noqa: F401
 
@@ -114,8 +119,16 @@ def rss_child(work: Path, column: str) -> dict[str, float]:
                 return int(line.split()[1]) / 1024
         return math.nan
 
+    from ..config import ModelConfig
+    from ..model import Transformer
+
+    with torch.device("meta"):  # pay torch's one-time meta-device imports (~70 MB) before the baseline
+        Transformer(ModelConfig(num_layers=1, hidden_size=64, intermediate_size=64, num_heads=1, num_kv_heads=1,
+                                head_dim=64, vocab_size=64))
     base = status("VmRSS")
     llm = load_column(work, column)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in [*llm.model.parameters(), *llm.model.buffers()]}
     loaded = status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")   # reset the peak (VmHWM) to the current RSS
     llm.generate(PROMPT, max_new_tokens=60)
@@ -123,7 +136,7 @@ def rss_child(work: Path, column: str) -> dict[str, float]:
     llm.generate(PROMPT, max_new_tokens=60)  # again, warm, for the timing
     return {"baseline_mb": base, "after_load_mb": loaded, "peak_generate_mb": peak,
             "peak_process_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "ms_per_token": llm.last_stats.time_per_token_ms}
+            "ms_per_token": llm.last_stats.time_per_token_ms, "tensors_mb": sum(storages.values()) / 2 ** 20}
 
 
 def run_rss(work: Path, results: dict, save, log) -> None:
@@ -144,7 +157,7 @@ def disk_mb(work: Path, column: str) -> float | None:
     return sum(f.stat().st_size for f in (work / folder_name(column)).glob("*.safetensors")) / 1e6
 
 
-def markdown(work: Path, results: dict, mmlu_limit: int) -> str:
+def markdown(work: Path, results: dict, mmlu_limit: int, budget: int, big_budget: int) -> str:
     from ..report import markdown_table
 
     cols = list(COLUMNS)
@@ -152,7 +165,7 @@ def markdown(work: Path, results: dict, mmlu_limit: int) -> str:
     for data, title in (("wikitext2", "WikiText-2 test"), ("ptb", "PTB test")):
         rows = []
         for s in SEQLENS:
-            cells = [results.get(f"ppl|{c}|{data}|{s}", {}).get("ppl") for c in cols]
+            cells = [results.get(ppl_key(c, data, s, budget, big_budget), {}).get("ppl") for c in cols]
             rows.append([s] + [f"{v:.3f}" if v is not None else "" for v in cells])
         lines += [f"**{title} perplexity**", "", markdown_table(["Seqlen"] + cols, rows), ""]
     rows = []
@@ -166,18 +179,23 @@ def markdown(work: Path, results: dict, mmlu_limit: int) -> str:
         rows.append(["peak RSS generating (MB)"] + [f"{r['peak_generate_mb']:.0f}" if r else "" for r in rss])
         rows.append(["  above the torch baseline (MB)"] + [f"{r['peak_generate_mb'] - r['baseline_mb']:.0f}"
                                                             if r else "" for r in rss])
+        rows.append(["  weights and buffers (MB)"] + [f"{r['tensors_mb']:.0f}" if r and "tensors_mb" in r else ""
+                                                      for r in rss])
         rows.append(["decode ms/token (eager)"] + [f"{r['ms_per_token']:.1f}" if r and "ms_per_token" in r else ""
                                                    for r in rss])
     lines += [markdown_table([""] + cols, rows), ""]
     gap_rows = []
     for data in DATASETS:
         for s in BIG_BUDGET_SEQLENS:
-            f, rtn, awq = (results.get(f"ppl|{c}|{data}|{s}", {}).get("ppl") for c in ("float", "w4 g128", "AWQ g128"))
-            if None not in (f, rtn, awq):
-                gap_rows.append([data, s, f"{f:.3f}", f"{rtn:.3f}", f"{awq:.3f}", f"{(awq - f) / (rtn - f):.2f}"])
+            f, rtn, awq, plus = (results.get(ppl_key(c, data, s, budget, big_budget), {}).get("ppl")
+                                 for c in ("float", "w4 g128", "AWQ g128", "AWQ+ g128"))
+            if None not in (f, rtn, awq, plus):
+                gap_rows.append([data, s, f"{f:.3f}", f"{rtn:.3f}", f"{awq:.3f}", f"{plus:.3f}",
+                                 f"{(awq - f) / (rtn - f):.2f}", f"{(plus - f) / (rtn - f):.2f}"])
     if gap_rows:
         lines += ["**AWQ vs RTN at w4 g128: gap ratio (AWQ - float) / (RTN - float)**", "",
-                  markdown_table(["data", "seqlen", "float", "RTN", "AWQ", "gap ratio"], gap_rows)]
+                  markdown_table(["data", "seqlen", "float", "RTN w4 g128", "AWQ", "AWQ+", "AWQ gap ratio",
+                                  "AWQ+ gap ratio"], gap_rows)]
     return "\n".join(lines)
 
 
@@ -185,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m edgellm.quant.tables", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", required=True, type=Path, help="checkpoints and results.json live here")
-    p.add_argument("--budget", type=int, default=16384, help="tokens scored per perplexity cell")
-    p.add_argument("--big-budget", type=int, default=65536, help="tokens per cell at seqlen 512 and 2048")
+    p.add_argument("--budget", type=int, default=8192, help="tokens scored per perplexity cell")
+    p.add_argument("--big-budget", type=int, default=32768, help="tokens per cell at seqlen 512 and 2048")
     p.add_argument("--mmlu-limit", type=int, default=10, help="MMLU test questions per subject")
     p.add_argument("--skip", nargs="*", default=[], choices=["ppl", "mmlu", "rss"])
     p.add_argument("--markdown", action="store_true", help="only print the tables from results.json")
@@ -213,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             run_mmlu(args.work, results, save, log, args.mmlu_limit)
         if "rss" not in args.skip:
             run_rss(args.work, results, save, log)
-    print(markdown(args.work, results, args.mmlu_limit))
+    print(markdown(args.work, results, args.mmlu_limit, args.budget, args.big_budget))
     return 0
 
 
