@@ -139,13 +139,14 @@ def rss_child(work: Path, column: str) -> dict[str, float]:
             "ms_per_token": llm.last_stats.time_per_token_ms, "tensors_mb": sum(storages.values()) / 2 ** 20}
 
 
-def run_rss(work: Path, results: dict, save, log) -> None:
+def run_rss(work: Path, results: dict, save, log, threads: int | None) -> None:
     for column in COLUMNS:
         key = f"rss|{column}"
         if key in results:
             continue
-        out = subprocess.run([sys.executable, "-m", "edgellm.quant.tables", "--work", str(work), "--rss-child",
-                              column], capture_output=True, text=True, check=True)
+        extra = ["--threads", str(threads)] if threads else []
+        out = subprocess.run([sys.executable, "-m", "edgellm.quant.tables", "--work", str(work), *extra,
+                              "--rss-child", column], capture_output=True, text=True, check=True)
         results[key] = json.loads(out.stdout.strip().splitlines()[-1])
         log(f"{column:10s} peak RSS while generating: {results[key]['peak_generate_mb']:.0f} MB")
         save()
@@ -208,8 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mmlu-limit", type=int, default=10, help="MMLU test questions per subject")
     p.add_argument("--skip", nargs="*", default=[], choices=["ppl", "mmlu", "rss"])
     p.add_argument("--markdown", action="store_true", help="only print the tables from results.json")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.rss_child:
         print(json.dumps(rss_child(args.work, args.rss_child)))
         return 0
@@ -230,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         if "mmlu" not in args.skip:
             run_mmlu(args.work, results, save, log, args.mmlu_limit)
         if "rss" not in args.skip:
-            run_rss(args.work, results, save, log)
+            run_rss(args.work, results, save, log, args.threads)
     print(markdown(args.work, results, args.mmlu_limit, args.budget, args.big_budget))
     return 0
 
