@@ -71,3 +71,22 @@ def test_rolling_cache_is_window_sized(tiny_checkpoints):
     llm.model.setup_cache(1, 200)
     cache = llm.model.layers[0].self_attn.cache
     assert cache.rolling and cache.k.shape[2] == 16
+
+
+@pytest.mark.parametrize("B,H,Hkv,T,start", [(1, 9, 3, 300, 0), (2, 4, 4, 130, 0), (3, 8, 2, 70, 37),
+                                             (1, 9, 3, 260, 129)])
+def test_blocked_attention_matches_masked_sdpa(B, H, Hkv, T, start):
+    """The bf16 prefill / cached-prefix attention equals fp32 SDPA with an explicit causal mask (bf16 noise)."""
+    import torch.nn.functional as F
+
+    from edgellm.model import blocked_causal_attention
+
+    g = torch.Generator().manual_seed(T)
+    L = start + T
+    q = torch.randn(B, T, H, 64, generator=g).transpose(1, 2)  # (B, H, T, D), non-contiguous like the model's
+    k, v = torch.randn(2, B, Hkv, L + 7, 64, generator=g)       # a cache longer than needed
+    mask = torch.arange(L)[None, :] <= torch.arange(start, L)[:, None]
+    ref = F.scaled_dot_product_attention(q, k[:, :, :L], v[:, :, :L], attn_mask=mask, enable_gqa=True)
+    got = blocked_causal_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), start).float()
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max().item() < 0.03

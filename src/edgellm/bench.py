@@ -6,16 +6,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from .peers import BenchResult, Engine, Row, median, run_engine
 from .report import markdown_table
 
 BENCHMARK_LENGTHS = [5, 78, 128, 140, 256, 293, 372, 512, 580, 717, 790, 800, 900, 1024, 1050, 1320, 1537,
@@ -30,45 +30,6 @@ TIMING_HEADERS = ["Example#", "Prompt Length (tokens)", "New Tokens Generated", 
                   "Prefill Phase (ms)", "Time/Token (ms)", "Tokens/Sec"]
 # Real text for prompts of an exact length; the shared WikiText-2 test split when present.
 _TEXT_CANDIDATES = ["../shared/data/wikitext-2-raw/wiki.test.raw", "shared/data/wikitext-2-raw/wiki.test.raw"]
-
-
-@dataclass
-class Row:
-    example: int
-    prompt_tokens: int
-    new_tokens: int
-    total_s: float
-    prefill_ms: float
-    time_per_token_ms: float
-    tokens_per_s: float
-
-    def cells(self) -> list:
-        return [self.example, self.prompt_tokens, self.new_tokens, round(self.total_s, 5), round(self.prefill_ms, 3),
-                round(self.time_per_token_ms, 3), round(self.tokens_per_s, 5)]
-
-
-@dataclass
-class BenchResult:
-    engine: str
-    task: str
-    rows: list[Row] = field(default_factory=list)
-    pp512: list[float] = field(default_factory=list)  # prefill tokens/s of a 512-token prompt, per repeat
-    tg128: list[float] = field(default_factory=list)  # decode tokens/s over 128 new tokens, per repeat
-    load_s: float = 0.0
-    compile_s: float = 0.0
-    peak_rss_mb: float = 0.0
-    note: str = ""
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (VmHWM; ru_maxrss would include a parent's peak across exec)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def cpu_model() -> str:
@@ -108,10 +69,6 @@ def prompt_of_length(ids: list[int], n: int, offset: int = 0) -> list[int]:
     return ids[offset:offset + n]
 
 
-def median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
 def mean_sd(xs: list[float]) -> str:
     if not xs:
         return "n/a"
@@ -120,18 +77,6 @@ def mean_sd(xs: list[float]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ engines
-class Engine:
-    """One way to run a model: prefill a prompt, then decode `new` tokens greedily. Returns timings."""
-
-    name = "edgellm"
-    note = ""
-    load_s = 0.0
-    compile_s = 0.0
-
-    def run(self, prompt_ids: list[int], new: int) -> Row:  # pragma: no cover - interface
-        raise NotImplementedError
-
-
 class EdgeEngine(Engine):
     def __init__(self, llm, compile: bool) -> None:
         from .generate import SamplingParams
@@ -152,87 +97,6 @@ class EdgeEngine(Engine):
                    s.tokens_per_s)
 
 
-class LlamaCppEngine(Engine):
-    """llama-cpp-python on the same GGUF file, same threads, same prompt ids, greedy over raw logits."""
-
-    def __init__(self, gguf_path: Path, threads: int, n_ctx: int, extra_bufts: bool = False) -> None:
-        import llama_cpp
-        from llama_cpp import llama_cpp as capi
-
-        t0 = time.perf_counter()
-        # The CPU "extra buffer types" (AMX / weight repacking) crash on quantized GGUFs on some CPUs, and the
-        # Llama() constructor has no flag for them: patch the default model params it starts from.
-        default_params = capi.llama_model_default_params
-
-        def params_without_extra_bufts():
-            params = default_params()
-            if hasattr(params, "use_extra_bufts"):
-                params.use_extra_bufts = extra_bufts
-            return params
-
-        capi.llama_model_default_params = params_without_extra_bufts
-        try:
-            self.llm = llama_cpp.Llama(model_path=str(gguf_path), n_threads=threads, n_threads_batch=threads,
-                                       n_ctx=n_ctx, n_batch=512, n_ubatch=512, verbose=False)
-        finally:
-            capi.llama_model_default_params = default_params
-        self.note = f"llama-cpp-python {llama_cpp.__version__}, use_extra_bufts={extra_bufts}"
-        self.load_s = time.perf_counter() - t0
-        self.name = "llama.cpp"
-        self.n_vocab = self.llm.n_vocab()
-
-    def _argmax(self) -> int:
-        import numpy as np
-
-        logits = np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.n_vocab,))
-        return int(logits.argmax())
-
-    def run(self, prompt_ids: list[int], new: int) -> Row:
-        llm = self.llm
-        llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(prompt_ids)
-        token = self._argmax()
-        t1 = time.perf_counter()
-        for _ in range(new - 1):
-            llm.eval([token])
-            token = self._argmax()
-        t2 = time.perf_counter()
-        per = (t2 - t1) * 1e3 / max(new - 1, 1)
-        return Row(0, len(prompt_ids), new, t2 - t0, (t1 - t0) * 1e3, per, 1e3 / per)
-
-
-class TransformersEngine(Engine):
-    def __init__(self, source: Path, dtype: torch.dtype) -> None:
-        import transformers
-
-        t0 = time.perf_counter()
-        if source.is_file():
-            self.model = transformers.AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name,
-                                                                           dtype=dtype)
-        else:
-            self.model = transformers.AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype)
-        self.model.eval()
-        self.load_s = time.perf_counter() - t0
-        self.name = "transformers"
-
-    @torch.inference_mode()
-    def run(self, prompt_ids: list[int], new: int) -> Row:
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        t0 = time.perf_counter()
-        out = self.model(torch.tensor([prompt_ids]), past_key_values=cache, use_cache=True)
-        token = out.logits[0, -1].argmax().view(1, 1)
-        t1 = time.perf_counter()
-        for _ in range(new - 1):
-            out = self.model(token, past_key_values=out.past_key_values, use_cache=True)
-            token = out.logits[0, -1].argmax().view(1, 1)
-        t2 = time.perf_counter()
-        per = (t2 - t1) * 1e3 / max(new - 1, 1)
-        return Row(0, len(prompt_ids), new, t2 - t0, (t1 - t0) * 1e3, per, 1e3 / per)
-
-
 # ------------------------------------------------------------------------------------------------ tasks
 def task_prompts(task: str, tokenizer, lengths: list[int] | None, data: str | None) -> list[list[int]]:
     if task == "decode":
@@ -243,37 +107,38 @@ def task_prompts(task: str, tokenizer, lengths: list[int] | None, data: str | No
     return [prompt_of_length(ids, n, offset=1000 * i) for i, n in enumerate(lengths)]
 
 
-def run_rows(engine: Engine, prompts: list[list[int]], new: int, repeat: int,
-             progress: Callable[[str], None]) -> list[Row]:
-    rows = []
-    engine.run(prompts[0][:8], 4)  # warm-up (first-call allocations, compile)
-    for i, ids in enumerate(prompts, 1):
-        runs = []
-        for _ in range(repeat):
-            runs.append(engine.run(ids, new))
-        med = Row(i, len(ids), runs[0].new_tokens, median([r.total_s for r in runs]),
-                  median([r.prefill_ms for r in runs]), median([r.time_per_token_ms for r in runs]),
-                  median([r.tokens_per_s for r in runs]))
-        rows.append(med)
-        progress(f"[{engine.name}] example {i}/{len(prompts)}: {len(ids)} tokens, "
-                 f"{med.tokens_per_s:.1f} tok/s, prefill {med.prefill_ms:.0f} ms")
-    return rows
-
-
-def llama_bench_summary(engine: Engine, tokenizer, repeat: int, data: str | None,
-                        max_context: int) -> tuple[list[float], list[float]]:
-    """llama-bench's pp512 (prefill a 512-token prompt) and tg128 (128 decoded tokens), at least 3 repeats.
-    Models with a shorter context use the longest prompt that fits."""
+def summary_prompts(tokenizer, data: str | None, max_context: int) -> tuple[list[int], list[int]]:
+    """llama-bench's prompts: 512 tokens of real text for pp512 (shorter if the context is), 16 for tg128."""
     ids = tokenizer.encode(benchmark_text(data))
-    n_pp = min(512, max_context - 8)
-    prompt = prompt_of_length(ids, n_pp, offset=5000)
-    pp, tg = [], []
-    for _ in range(max(repeat, 3)):
-        r = engine.run(prompt, 1)
-        pp.append(n_pp / (r.prefill_ms / 1e3))
-        r = engine.run(prompt[:16], min(129, max_context - 24))
-        tg.append(r.tokens_per_s)
-    return pp, tg
+    prompt = prompt_of_length(ids, min(512, max_context - 8), offset=5000)
+    return prompt, prompt[:16]
+
+
+def run_peer(peer: str, job: dict, log: Callable[[str], None]) -> BenchResult | None:
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({**job, "peer": peer}, f)
+    try:
+        log(f"[{peer}] running in a separate process")
+        # Run as a plain script (not `-m edgellm...`): the package's imports (torch) must not count in its RSS.
+        out = subprocess.run([sys.executable, str(Path(__file__).with_name("peers.py")), f.name],
+                             capture_output=True, text=True)
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines:
+        err = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        log(f"note: peer {peer} failed ({err}); skipped")
+        return None
+    data = json.loads(lines[-1])
+    if "skipped" in data:
+        hint = "; `make bench-peers` installs llama-cpp-python" if peer == "llamacpp" else ""
+        log(f"note: peer {peer} skipped ({data['skipped']}{hint})")
+        return None
+    rows = [Row(**r) for r in data.pop("rows")]
+    return BenchResult(rows=rows, **data)
 
 
 def profile_breakdown(llm, prompt_ids: list[int], new: int) -> list[list]:
@@ -369,29 +234,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     prompts = task_prompts(args.task, llm.tokenizer, args.prompt_len, args.data)
     if args.task == "profile":
         prompts = prompts[:1]
-    results: list[BenchResult] = []
-    engines: list[tuple[str, Callable[[], Engine]]] = [("edgellm", lambda: EdgeEngine(llm, args.compile))]
-    n_ctx = max(len(p) for p in prompts) + args.new_tokens + 8
+    pp_prompt, tg_prompt = summary_prompts(llm.tokenizer, args.data, llm.config.max_seq_len)
+    job = {"task": args.task, "prompts": prompts, "pp_prompt": pp_prompt, "tg_prompt": tg_prompt,
+           "new_tokens": args.new_tokens, "repeat": args.repeat, "max_context": llm.config.max_seq_len,
+           "threads": threads, "n_ctx": max(len(p) for p in prompts) + args.new_tokens + 8,
+           "model_path": str(llm.loaded.path), "dtype": str(llm.dtype).removeprefix("torch.")}
+    engine = EdgeEngine(llm, args.compile)
+    engine.load_s = load_s
+    results: list[BenchResult] = [run_engine(engine, job, log)]
     for peer in args.peer:
-        if peer == "llamacpp":
-            if llm.loaded.format != "gguf":
-                log("note: --peer llamacpp needs a GGUF model; skipped")
-                continue
-            engines.append(("llamacpp", lambda: LlamaCppEngine(llm.loaded.path, threads, max(n_ctx, 640))))
-        else:
-            engines.append(("transformers", lambda: TransformersEngine(llm.loaded.path, llm.dtype)))
-    for key, make in engines:
-        try:
-            engine = make()
-        except ImportError as e:
-            log(f"note: peer {key} skipped ({e.name or e} not installed; `make bench-peers` installs llama-cpp-python)")
+        if peer == "llamacpp" and llm.loaded.format != "gguf":
+            log("note: --peer llamacpp needs a GGUF model; skipped")
             continue
-        res = BenchResult(engine.name, args.task, load_s=load_s if key == "edgellm" else engine.load_s)
-        res.rows = run_rows(engine, prompts, args.new_tokens, args.repeat, log)
-        res.pp512, res.tg128 = llama_bench_summary(engine, llm.tokenizer, args.repeat, args.data,
-                                                   llm.config.max_seq_len)
-        res.compile_s, res.note, res.peak_rss_mb = engine.compile_s, engine.note, peak_rss_mb()
-        results.append(res)
+        res = run_peer(peer, job, log)
+        if res is not None:
+            results.append(res)
     breakdown = profile_breakdown(llm, prompts[0], args.new_tokens) if args.task == "profile" else None
     print_results(args, results, threads, breakdown)
     if args.plot:
@@ -450,3 +307,4 @@ def plot(results: list[BenchResult], path: str) -> None:
         a.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+

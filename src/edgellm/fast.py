@@ -19,7 +19,8 @@ import torch
 
 from .model import Transformer
 
-CACHE_BUCKET = 512  # KV-cache lengths are rounded up to a multiple of this, so few shapes get compiled
+CACHE_BUCKET = 256  # KV-cache lengths are rounded up to a multiple of this, so few shapes get compiled
+# (the compiled step attends over the whole bucket: 256 vs 512 is ~6% faster decode on the default model)
 
 
 def cache_dir() -> Path:

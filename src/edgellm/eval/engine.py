@@ -27,15 +27,22 @@ MIN_SHARED_PREFIX = 16        # below this, prompts run whole (no KV-cache reuse
 CACHE_BYTES = 1 << 30         # KV-cache budget for prefix sharing
 
 
+# Bumped whenever edgellm's forward numerics change (e.g. 2: blocked bf16 attention), so cached results
+# computed by an older version are not mixed into new runs.
+NUMERICS_VERSION = 2
+
+
 def model_fingerprint(llm: Any) -> dict[str, Any]:
-    """What identifies a model's numbers: the file(s) read (path and size) and the compute dtype."""
+    """What identifies a model's numbers: the file(s) read (path and size), the compute dtype and the
+    version of edgellm's numerics."""
     path = Path(llm.loaded.path)
     if path.is_file():
         size = path.stat().st_size
     else:
         size = sum(p.stat().st_size for p in sorted(path.glob("*")) if p.is_file()
                    and p.suffix in (".safetensors", ".gguf", ".bin", ".json"))
-    return {"path": str(path.resolve()), "size": size, "dtype": str(llm.dtype).replace("torch.", "")}
+    return {"path": str(path.resolve()), "size": size, "dtype": str(llm.dtype).replace("torch.", ""),
+            "numerics": NUMERICS_VERSION}
 
 
 def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
@@ -204,6 +211,12 @@ class Runner:
         bar = tqdm(total=total, initial=done_before, desc=self.desc, unit="item", disable=not self.progress,
                    dynamic_ncols=True, leave=False)
         ready_group = -1
+        shared = [b for b in todo if p.prefix[b.group]]
+        if shared:  # one KV-cache allocation for the run when it fits the budget (growing re-zeroes it each time)
+            rows = max(len(b.requests) for b in shared)
+            length = max(len(r.ids) for b in shared for r in p.groups[b.group])
+            if rows <= self._cache_rows(length):
+                self._ensure_cache(rows, length)
         try:
             for b in todo:
                 lcp = p.prefix[b.group]

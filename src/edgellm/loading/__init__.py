@@ -15,6 +15,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import CorruptCheckpointError, InvalidArgumentError, ModelNotFoundError
+from ..memory import release_free_memory
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from .default import default_model_path
@@ -158,4 +159,6 @@ def load_model(model: str | Path | None = None, dtype: str | torch.dtype = "bf16
         net = build_model(config, ckpt.tensors(torch_dtype), torch_dtype)
     else:
         net = ckpt.build(torch_dtype)
+    del ckpt  # closes the checkpoint's file mappings before the heap is trimmed
+    release_free_memory()  # the streamed temporaries' heap pages
     return LoadedModel(net, tokenizer, config, str(model) if model else "default", path, fmt)

@@ -140,7 +140,8 @@ class QLinearPerGrp(nn.Module):
             return kernels.unpack_nibbles(self.nibbles[r0:r1], k)
         if self.backend == "int4":
             r1p = min(kernels.pad_to(r1, kernels.N_BLOCK), self.n_pad)
-            return kernels.unpack_int4(self.packed[r0:r1p], self.k_pad)[:r1 - r0, :k] - self.code_shift
+            q = kernels.unpack_int4(self.packed[r0:r1p], self.k_pad)[:r1 - r0, :k]
+            return q - self.code_shift if self.code_shift else q
         if self.backend == "int8":
             q = self.q8[:, r0:r1].transpose(0, 1).reshape(r1 - r0, -1)[:, :k]
             return (q.to(torch.int16) + _CODE_OFFSET).to(torch.uint8)

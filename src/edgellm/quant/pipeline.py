@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..memory import release_free_memory
 from ..model import Transformer
 from .awq import AWQOptions, LayerResult, ProgressFn, run_awq
 from .calib import CalibConfig, calibration_ids
@@ -60,6 +61,8 @@ def quantize_model(model: Transformer, spec: QuantSpec, tokenizer=None, *, calib
     model.to(dtype)
     install(model, weights, dtype, fake=fake)
     result.n_quantized = len(weights)
+    del weights
+    release_free_memory()  # the float weights and fp32 scratch just replaced
     result.seconds = time.perf_counter() - t0
     return result
 
