@@ -5,17 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from edgellm import cli
 from edgellm.bench import TIMING_HEADERS, benchmark_text, prompt_of_length
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: 1 thread, restored after the module
 
 
 def run(args, capsys):

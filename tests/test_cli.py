@@ -25,12 +25,7 @@ PROMPT = "the quick brown fox"
 JSON_KEYS = {"text", "prompt_tokens", "new_tokens", "total_s", "prefill_ms", "time_per_token_ms", "tokens_per_s"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: 1 thread, restored after the module
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,10 @@ import shutil
 import struct
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 
 import edgellm
 from edgellm import errors
@@ -22,12 +21,7 @@ from edgellm.cli import main
 Breaker = Callable[[Path], None]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: 1 thread, restored after the module
 
 
 @pytest.fixture(autouse=True)

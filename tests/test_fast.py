@@ -9,13 +9,7 @@ import edgellm
 from edgellm.fast import CompiledDecoder, bucket, compiler_available
 from tests.conftest import TINY_CONFIGS
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: 1 thread, restored after the module
 
 
 def decode_both(llm, ids: list[int], steps: int, cache_len: int, step_fn=None):

@@ -4,7 +4,6 @@ published sizes (the seeds' 16/8/4, 140/70/35 and 810/405/203 GB) and against li
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,12 +22,7 @@ LLAMA31 = {  # name: (hidden, layers, heads, kv heads, intermediate, exact param
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: 1 thread, restored after the module
 
 
 def llama31_config(name: str) -> dict:

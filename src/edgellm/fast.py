@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,7 +51,6 @@ class CompiledDecoder:
         self.model = model
         self.compile_s = 0.0
         self.note = ""
-        self._seen: set[tuple] = set()
         self._fn: Callable | None = None
         reason = compiler_available()
         if reason is not None:
@@ -61,7 +61,17 @@ class CompiledDecoder:
 
         inductor_config.cpp_wrapper = True
         inductor_config.fx_graph_cache = True
-        self._fn = torch.compile(model.decode_step, fullgraph=True, dynamic=False)
+        self._fn = self._compile()
+        self._fns: dict[tuple, Callable] = {}
+
+    def _compile(self) -> Callable:
+        # A fresh copy of decode_step's code object per cache shape: dynamo keeps compiled entries per code
+        # object and checks them one after another on every call, so with one shared code object each extra
+        # bucket adds a failing guard check to every step (~0.3 ms each, measured), and the 9th bucket would
+        # hit dynamo's recompile limit (8) and silently fall back to eager.
+        fn = types.FunctionType(Transformer.decode_step.__code__.replace(), Transformer.decode_step.__globals__,
+                                "decode_step")
+        return torch.compile(types.MethodType(fn, self.model), fullgraph=True, dynamic=False)
 
     @property
     def enabled(self) -> bool:
@@ -72,16 +82,18 @@ class CompiledDecoder:
             return self.model.decode_step(token, pos)
         cache = self.model.layers[0].self_attn.cache
         key = (token.shape[0], cache.k.shape[2], cache.k.dtype)
-        if key in self._seen:
-            return self._fn(token, pos)
+        fn = self._fns.get(key)
+        if fn is not None:
+            return fn(token, pos)
         t0 = time.perf_counter()
         try:
-            out = self._fn(token, pos)
+            fn = self._compile() if self._fns else self._fn  # the first shape uses the wrapper made up front
+            out = fn(token, pos)
         except Exception as e:  # a broken toolchain must not break generation
             self._fn = None
             self.note = f"compiled decode failed ({type(e).__name__}); using eager PyTorch"
             print(f"edgellm: {self.note}", file=sys.stderr)
             return self.model.decode_step(token, pos)
         self.compile_s += time.perf_counter() - t0
-        self._seen.add(key)
+        self._fns[key] = fn
         return out

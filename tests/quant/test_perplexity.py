@@ -43,11 +43,11 @@ def test_int4_kernel_perplexity_equals_fake_quant(default_gguf, data_dir, monkey
     quantize_llm(llm, "rtn:w4:g128")
     assert {m.backend for m in quantized_layers(llm.model).values()} == {"int4"}
     ids = torch.tensor(llm.tokenizer.encode(dataset_text("wikitext2", "test")[:30000]))
-    windows = dict(seqlen=128, n_windows=8)
+    windows = dict(seqlen=512, n_windows=8)  # 4k scored tokens: bf16 noise on fewer tokens nears the 0.5 % bound
     fake = windowed_perplexity(dequantized_copy(llm.model), ids, **windows)
     monkeypatch.setattr(QLinearPerGrp, "dequant_min_tokens", 0)          # the bf16 dequantized (prefill) path
     dense = windowed_perplexity(llm.model, ids, **windows)
     monkeypatch.setattr(QLinearPerGrp, "dequant_min_tokens", 10 ** 9)    # force the packed kernels
     kernel = windowed_perplexity(llm.model, ids, **windows)
-    assert abs(kernel / fake - 1) < 0.005 and abs(dense / fake - 1) < 0.005
+    assert abs(kernel / fake - 1) < 0.005 and abs(dense / fake - 1) < 0.005, (fake, dense, kernel)
     assert 5 < fake < 200
