@@ -455,19 +455,10 @@ def load_quantized_model(path: str | Path, dtype: torch.dtype = torch.bfloat16) 
 
 
 def load_quantized_llm(path: str | Path, dtype: str | torch.dtype = "bf16", compile: bool = False) -> LLM:
-    """What `edgellm.load(path)` returns once loading/__init__.py routes quantized folders here."""
-    from ..api import LLM
-    from ..loading import LoadedModel, parse_dtype
-    from ..tokenizer import Tokenizer
+    """`edgellm.load(path)` of a quantized folder (loading/__init__.py routes it to QuantizedCheckpoint)."""
+    from ..api import load
 
-    ckpt = QuantizedCheckpoint(path)
-    tokenizer = Tokenizer.from_hf_folder(path)
-    for e in tokenizer.eos_ids:  # as load_model does
-        if e not in ckpt.config.eos_token_ids:
-            ckpt.config.eos_token_ids.append(e)
-    tokenizer.eos_ids = list(ckpt.config.eos_token_ids)
-    model = ckpt.build(parse_dtype(dtype))
-    return LLM(LoadedModel(model, tokenizer, ckpt.config, str(path), Path(path), ckpt.format), compile=compile)
+    return load(path, dtype=dtype, compile=compile)
 
 
 def describe_model(path: str | Path) -> Transformer | None:

@@ -131,9 +131,9 @@ def rss_child(work: Path, column: str) -> dict[str, float]:
                 for t in [*llm.model.parameters(), *llm.model.buffers()]}
     loaded = status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")   # reset the peak (VmHWM) to the current RSS
-    llm.generate(PROMPT, max_new_tokens=60)
+    llm.generate(PROMPT, max_new_tokens=60, ignore_eos=True)
     peak = status("VmHWM")
-    llm.generate(PROMPT, max_new_tokens=60)  # again, warm, for the timing
+    llm.generate(PROMPT, max_new_tokens=60, ignore_eos=True)  # again, warm, for the timing
     return {"baseline_mb": base, "after_load_mb": loaded, "peak_generate_mb": peak,
             "peak_process_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "ms_per_token": llm.last_stats.time_per_token_ms, "tensors_mb": sum(storages.values()) / 2 ** 20}
