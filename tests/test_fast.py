@@ -60,7 +60,7 @@ def test_compiled_step_matches_eager(tiny_checkpoints, tmp_path, monkeypatch):
 def test_generator_uses_bucketed_cache(tiny_checkpoints):
     llm = edgellm.load(tiny_checkpoints["llama"], dtype="fp32")
     llm.generator.compiled = CompiledDecoder.__new__(CompiledDecoder)  # eager stand-in: same code path
-    llm.generator.compiled.model, llm.generator.compiled._fn = llm.model, None
+    llm.generator.compiled.model, llm.generator.compiled.enabled = llm.model, False
     llm.generator.compiled.compile_s, llm.generator.compiled.note = 0.0, ""
     text = llm.generate("hello world", max_new_tokens=8, ignore_eos=True)
     assert llm.model.layers[0].self_attn.cache.k.shape[2] == 256  # a bucket of the 256-token context

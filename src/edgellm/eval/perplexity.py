@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..errors import ContextLengthError, InvalidArgumentError
 from ..model import Transformer
 from .cache import ResultStore, item_key
-from .engine import DEFAULT_BATCH_TOKENS, model_fingerprint, select_positions
+from .engine import DEFAULT_BATCH_TOKENS, model_fingerprint
 
 PROTOCOLS = ("gptq", "llamacpp")
 
@@ -68,28 +68,18 @@ CE_ROWS = 512  # logit rows per lm_head + cross-entropy chunk (a 2048-token wind
 
 
 @torch.inference_mode()
-def window_nlls(model: torch.nn.Module, windows: torch.Tensor, first: int) -> list[tuple[float, int]]:
-    """(sum of NLL, count) per window, scoring logit rows first..T-2 against tokens first+1..T-1."""
+def window_nlls(model: Transformer, windows: torch.Tensor, first: int) -> list[tuple[float, int]]:
+    """(sum of NLL, count) per window, scoring logit rows first..T-2 against tokens first+1..T-1.
+
+    lm_head and the fp32 cross-entropy run CE_ROWS rows at a time: less memory traffic than whole-window logits."""
     B, T = windows.shape
-    if isinstance(model, Transformer):  # lm_head and the fp32 cross-entropy in chunks: less memory traffic
-        h = model(windows, hidden_only=True)                            # (B, T, C)
-        out = []
-        for b in range(B):
-            hb, target = h[b, first:T - 1], windows[b, first + 1:]
-            nll = math.fsum(float(F.cross_entropy(model.lm_head(hb[i:i + CE_ROWS]).float(), target[i:i + CE_ROWS],
-                                                  reduction="sum")) for i in range(0, T - 1 - first, CE_ROWS))
-            out.append((nll, T - 1 - first))
-        return out
-    rows = torch.arange(B).repeat_interleave(T - 1 - first)
-    cols = torch.arange(first, T - 1).repeat(B)
-    with select_positions(model, rows, cols) as hooked:
-        logits = model(windows)
-    picked = logits[0] if hooked else logits[rows, cols]
-    picked = picked.view(B, T - 1 - first, -1)
+    h = model(windows, hidden_only=True)                                # (B, T, C)
     out = []
     for b in range(B):
-        nll = F.cross_entropy(picked[b].float(), windows[b, first + 1:], reduction="sum")
-        out.append((float(nll), T - 1 - first))
+        hb, target = h[b, first:T - 1], windows[b, first + 1:]
+        nll = math.fsum(float(F.cross_entropy(model.lm_head(hb[i:i + CE_ROWS]).float(), target[i:i + CE_ROWS],
+                                              reduction="sum")) for i in range(0, T - 1 - first, CE_ROWS))
+        out.append((nll, T - 1 - first))
     return out
 
 
