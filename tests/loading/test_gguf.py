@@ -243,6 +243,17 @@ def test_dequantize_bit_exact(qtype):
     np.testing.assert_array_equal(out.numpy(), got)
 
 
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q6_K"])
+def test_big_tensors_load_in_row_chunks(gguf_files, monkeypatch, qtype):
+    """Loading in bf16 dequantizes big tensors a few rows at a time: bit-identical to one pass."""
+    path = gguf_files("llama", qtype)
+    whole = edgellm.load(path, dtype="bf16").model.state_dict()
+    monkeypatch.setattr(gguf_file, "DEQUANT_ROWS", 5)  # the 320-row embedding goes in 64 chunks
+    chunked = edgellm.load(path, dtype="bf16").model.state_dict()
+    assert whole.keys() == chunked.keys()
+    assert all(torch.equal(whole[k], chunked[k]) for k in whole)
+
+
 def test_dequantize_rejects_unsupported_type_and_wrong_sizes():
     with pytest.raises(UnsupportedModelError, match="IQ4_NL"):
         dequantize(np.zeros(18, dtype=np.uint8), int(Q.IQ4_NL), (32,))

@@ -79,3 +79,15 @@ def test_awq_nibble_order() -> None:
     big = torch.randint(0, 16, (5, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     big[:, 7] = 15                                              # sets the int32 sign bit
     assert torch.equal(unpack_awq(pack_awq(big)), big)
+
+
+def test_quantize_in_row_chunks_equals_one_pass(monkeypatch) -> None:
+    """quantize() rounds big weights a few rows at a time (bounded fp32 scratch): same codes as one pass."""
+    from edgellm.quant import pergroup
+
+    w = torch.randn(50, 200, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    whole = quantize(w, 4, 32)
+    monkeypatch.setattr(pergroup, "QUANTIZE_ROWS", 7)
+    parts = quantize(w, 4, 32)
+    assert torch.equal(parts.q, whole.q) and torch.equal(parts.scales, whole.scales)
+    assert torch.equal(parts.zeros, whole.zeros)

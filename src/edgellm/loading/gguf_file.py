@@ -82,6 +82,9 @@ def _unpack_nibbles(qs: torch.Tensor, out: torch.Tensor) -> None:
     out.view(-1, 2, 16).copy_(torch.stack((qs, qs >> 4), dim=1) & 0x0F)
 
 
+DEQUANT_ROWS = 4096  # rows of a big tensor dequantized at a time while loading in bf16/fp16
+
+
 def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...], out: torch.Tensor | None = None
                ) -> torch.Tensor:
     """Dequantize one tensor's raw bytes to fp32 of `shape`, written into `out` (contiguous fp32) if given.
@@ -166,9 +169,25 @@ class GGUFCheckpoint:
             raise UnsupportedModelError(f"{self.path}: tensor {name!r}: {e}") from e
 
     def _get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        info = self._info(name)
+        rows = info.shape[0]
         with _one_thread():
-            t = self._dequant(name)  # always a fresh tensor, never a view of the file map
-            return t if dtype == torch.float32 else t.to(dtype)
+            if dtype == torch.float32 or len(info.shape) != 2 or rows <= DEQUANT_ROWS:
+                t = self._dequant(name)  # always a fresh tensor, never a view of the file map
+                return t if dtype == torch.float32 else t.to(dtype)
+            # Big tensors (the 49k-row embedding) go through an fp32 scratch a few thousand rows at a time,
+            # so loading never holds a whole fp32 copy next to the final one.
+            out = torch.empty(info.shape, dtype=dtype)
+            raw = self.file.data(name)
+            row_bytes = raw.nbytes // rows
+            for r in range(0, rows, DEQUANT_ROWS):
+                n = min(DEQUANT_ROWS, rows - r)
+                try:
+                    part = dequantize(raw[r * row_bytes:(r + n) * row_bytes], info.ggml_type, (n, info.shape[1]))
+                except UnsupportedModelError as e:
+                    raise UnsupportedModelError(f"{self.path}: tensor {name!r}: {e}") from e
+                out[r:r + n].copy_(part)
+            return out
 
     def _fused(self, parts: list[tuple[str, int | None]], dtype: torch.dtype) -> torch.Tensor:
         """Concatenate tensors along rows into one preallocated tensor (no torch.cat copy); a part with a
@@ -207,6 +226,7 @@ class GGUFCheckpoint:
             if src in self.raw:
                 yield dst, self._get(src, dtype)
         for i in range(cfg.num_layers):
+            self.file.drop_pages()  # the previous layer's bytes are consumed
             p = f"blk.{i}."
             for src, dst in _LAYER_NAMES.items():
                 if p + src in self.raw:
@@ -226,6 +246,7 @@ class GGUFCheckpoint:
                     [(p + "ffn_gate.weight", None), (p + "ffn_up.weight", None)], dtype)
             else:  # phi3 stores [gate; up] fused in ffn_up
                 yield f"layers.{i}.mlp.gate_up_proj.weight", self._get(p + "ffn_up.weight", dtype)
+        self.file.drop_pages()
         known = set(_GLOBAL_NAMES) | {"rope_freqs.weight"}
         for name in self.raw:
             m = _LAYER_RE.match(name)

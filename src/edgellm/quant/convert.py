@@ -54,37 +54,47 @@ def rtn_weights(model: Transformer, spec: QuantSpec) -> dict[str, QuantizedWeigh
             for name in linear_names(model, spec.quantize_lm_head)}
 
 
-def round_floats_through_fp16(model: Transformer) -> None:
-    """Round every float parameter that stays float (embedding, norms, biases) to float16 values.
+def install_one(model: Transformer, name: str, qw: QuantizedWeight, dtype: torch.dtype, fake: bool = False,
+                backend: str = "auto") -> None:
+    """Replace linear `name` by its quantized form: a QLinearPerGrp, or (fake) an nn.Linear holding the
+    dequantized weight. The bias is rounded through float16 first, as checkpoints store it.
 
-    Checkpoints store float tensors in float16, as AutoAWQ's do; rounding the in-memory model the same way
-    makes quantize -> save -> load give identical logits."""
-    for p in model.parameters():
-        if p.is_floating_point() and p.dtype != torch.float16:
-            p.data = p.data.to(torch.float16).to(p.dtype)
+    A quantized lm_head of a tied-embedding model gets its own weight; the embedding keeps the float one."""
+    old = get_module(model, name)
+    bias = old.bias.detach().to(torch.float16) if getattr(old, "bias", None) is not None else None
+    in_scale = old.input_scale if isinstance(old, ScaledLinear) else None
+    if fake:
+        w = qw.dequantize()
+        lin = nn.Linear(qw.in_features, qw.out_features, bias=bias is not None, device="meta")
+        lin.weight = nn.Parameter((w if in_scale is None else w * in_scale[None, :]).to(dtype),
+                                  requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+        set_module(model, name, lin)
+    else:
+        q = QLinearPerGrp.from_quantized(qw, bias, dtype=dtype, backend=backend)
+        q.set_input_scale(in_scale)
+        set_module(model, name, q)
 
 
 def install(model: Transformer, weights: dict[str, QuantizedWeight], dtype: torch.dtype, fake: bool = False,
             backend: str = "auto") -> None:
-    """Put quantized weights into the model: QLinearPerGrp modules, or (fake) dequantized nn.Linear weights.
-
-    A quantized lm_head of a tied-embedding model gets its own weight; the embedding keeps the float one."""
+    """`install_one` for every entry of `weights`."""
     for name, qw in weights.items():
-        old = get_module(model, name)
-        bias = old.bias.detach() if getattr(old, "bias", None) is not None else None
-        in_scale = old.input_scale if isinstance(old, ScaledLinear) else None
-        if fake:
-            w = qw.dequantize()
-            lin = nn.Linear(qw.in_features, qw.out_features, bias=bias is not None, device="meta")
-            lin.weight = nn.Parameter((w if in_scale is None else w * in_scale[None, :]).to(dtype),
-                                      requires_grad=False)
-            if bias is not None:
-                lin.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
-            set_module(model, name, lin)
-        else:
-            q = QLinearPerGrp.from_quantized(qw, bias, dtype=dtype, backend=backend)
-            q.set_input_scale(in_scale)
-            set_module(model, name, q)
+        install_one(model, name, qw, dtype, fake, backend)
+
+
+def finish_floats(model: Transformer, dtype: torch.dtype, skip: tuple[str, ...] = ()) -> None:
+    """Round the parameters that stay float (embedding, norms, biases of float linears) through float16 and
+    cast them to `dtype`, leaving the modules named in `skip` (already quantized) untouched."""
+    seen: set[int] = set()  # a tied embedding is also the float lm_head's weight: round it once
+    for mname, module in model.named_modules():
+        if mname in skip:
+            continue
+        for p in module.parameters(recurse=False):
+            if p.is_floating_point() and id(p) not in seen:
+                seen.add(id(p))
+                p.data = p.data.to(torch.float16).to(dtype)
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QLinearPerGrp]:

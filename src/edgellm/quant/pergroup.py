@@ -143,17 +143,23 @@ def _qparams(wg: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torc
     return scales, zeros, 0, 2 ** bits - 1
 
 
+QUANTIZE_ROWS = 4096  # rows rounded at a time: bounds the fp32 scratch (a 49k-row lm_head would need ~0.5 GB)
+
+
 def quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool = False) -> QuantizedWeight:
     """Round-to-nearest per-group quantization of an (N, K) weight (any float dtype; computed in fp32)."""
     check_bits(bits)
     if group_size != -1 and group_size < 1:
         raise InvalidArgumentError(f"group_size must be -1 or >= 1 (got {group_size})")
     n, k = w.shape
-    wg = grouped(w.detach().float(), group_size)                      # (N, ng, G)
-    scales, zeros, lo, hi = _qparams(wg, bits, sym)
-    q = (torch.round(wg / scales[..., None]) + zeros[..., None]).clamp(lo, hi)
-    return QuantizedWeight(q.reshape(n, -1)[:, :k].to(torch.uint8).contiguous(), scales.half(),
-                           zeros.to(torch.uint8), bits, group_size, sym)
+    parts = []
+    for r in range(0, n, QUANTIZE_ROWS):  # rows are independent: the same codes as one pass
+        wg = grouped(w[r:r + QUANTIZE_ROWS].detach().float(), group_size)   # (rows, ng, G)
+        scales, zeros, lo, hi = _qparams(wg, bits, sym)
+        q = (torch.round(wg / scales[..., None]) + zeros[..., None]).clamp(lo, hi)
+        parts.append((q.reshape(wg.shape[0], -1)[:, :k].to(torch.uint8), scales.half(), zeros.to(torch.uint8)))
+    q, scales, zeros = (torch.cat(t) if len(parts) > 1 else t[0].contiguous() for t in zip(*parts, strict=True))
+    return QuantizedWeight(q.contiguous(), scales, zeros, bits, group_size, sym)
 
 
 def fake_quantize_groups(wg: torch.Tensor, bits: int, sym: bool = False) -> torch.Tensor:

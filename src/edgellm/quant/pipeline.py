@@ -15,7 +15,8 @@ from ..memory import release_free_memory
 from ..model import Transformer
 from .awq import AWQOptions, LayerResult, ProgressFn, run_awq
 from .calib import CalibConfig, calibration_ids
-from .convert import install, round_floats_through_fp16, rtn_weights
+from .convert import finish_floats, get_module, install_one, linear_names
+from .pergroup import quantize
 from .spec import QuantSpec, parse_quant
 
 if TYPE_CHECKING:
@@ -41,27 +42,29 @@ def quantize_model(model: Transformer, spec: QuantSpec, tokenizer=None, *, calib
                    progress: ProgressFn | None = None) -> QuantResult:
     """Quantize `model` in place and leave it in `dtype`.
 
-    Searches and rounding run on fp32 weights (the model is upcast first; load it with dtype="fp32" to avoid
-    a bf16 round trip of the source weights). `fake=True` keeps nn.Linear layers holding the dequantized
-    weights; otherwise they become QLinearPerGrp modules that compute with packed weights.
+    Rounding always reads fp32 copies of the weights, one linear at a time, and each quantized layer replaces
+    its float one before the next is read, so peak memory is the model plus one layer (RTN never holds an
+    fp32 model; load with dtype="fp32" to avoid a bf16 round trip of the source weights). AWQ's searches
+    run on the model upcast to fp32. `fake=True` keeps nn.Linear layers holding the dequantized weights;
+    otherwise they become QLinearPerGrp modules that compute with packed weights.
     """
     t0 = time.perf_counter()
-    model.float()
     result = QuantResult(spec, 0.0, 0)
     if spec.needs_calibration:
         if tokenizer is None:
             raise ValueError("AWQ needs the tokenizer to build calibration data")
+        model.float()
         calib = calib or CalibConfig()
         ids = calibration_ids(tokenizer, calib)
         result.calibration = calib.describe()
         log(f"AWQ: calibrating on {result.calibration}")
         result.awq_layers = run_awq(model, ids, spec, options, cache_dir, log, progress)
-    weights = rtn_weights(model, spec)
-    round_floats_through_fp16(model)
-    model.to(dtype)
-    install(model, weights, dtype, fake=fake)
-    result.n_quantized = len(weights)
-    del weights
+    names = linear_names(model, spec.quantize_lm_head)
+    for name in names:
+        qw = quantize(get_module(model, name).weight, spec.w_bit, spec.group_size, spec.sym)
+        install_one(model, name, qw, dtype, fake=fake)
+    finish_floats(model, dtype, skip=tuple(names))
+    result.n_quantized = len(names)
     release_free_memory()  # the float weights and fp32 scratch just replaced
     result.seconds = time.perf_counter() - t0
     return result
