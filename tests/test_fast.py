@@ -54,7 +54,41 @@ def test_compiled_step_matches_eager(tiny_checkpoints, tmp_path, monkeypatch):
     ids = torch.randint(3, 320, (48,), generator=torch.Generator().manual_seed(1)).tolist()
     ref, got = decode_both(llm, ids, 40, cache_len=64, step_fn=fast.step)
     assert (ref - got).abs().max().item() <= 1e-4
-    assert fast.compile_s > 0
+    assert fast.compile_s > 0 and fast.note == ""  # the AOT path, not the torch.compile fallback
+    assert len(list((tmp_path / "steps").glob("decode-*.bin"))) == 1
+
+    # A second model (as in a new process) loads the saved step instead of compiling: compiling is disabled.
+    # Its weights differ (same shapes): the saved step must read them, not constants baked in at compile time.
+    again = edgellm.load(tiny_checkpoints["mistral"], dtype="fp32")
+    again.model.norm.weight.mul_(1.5)
+    again.model.layers[0].mlp.down_proj.weight.mul_(-1.0)
+    fast2 = CompiledDecoder(again.model)
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("compiled again instead of loading the saved step")
+
+    monkeypatch.setattr(torch, "compile", no_compile)
+    ref2, got2 = decode_both(again, ids, 40, cache_len=64, step_fn=fast2.step)
+    assert fast2.note == ""
+    assert (ref2 - got2).abs().max().item() <= 1e-4 and (ref2 - ref).abs().max().item() > 1e-2
+
+
+def test_step_fingerprint_pins_shapes_and_weights(tiny_checkpoints):
+    from edgellm.fast import step_fingerprint
+    from edgellm.quant import quantize_llm
+
+    a = edgellm.load(tiny_checkpoints["llama"], dtype="bf16")
+    b = edgellm.load(tiny_checkpoints["llama"], dtype="bf16")
+    for m in (a.model, b.model):
+        m.setup_cache(1, 256)
+    key = (1, 256, torch.bfloat16)
+    assert step_fingerprint(a.model, key) == step_fingerprint(b.model, key)  # same checkpoint, same file
+    assert step_fingerprint(a.model, key) != step_fingerprint(a.model, (1, 512, torch.bfloat16))
+    b.model.setup_cache(1, 512)
+    assert step_fingerprint(a.model, key) != step_fingerprint(b.model, key)  # cache buffers differ
+    b.model.setup_cache(1, 256)
+    quantize_llm(b, "rtn:w4:g32")
+    assert step_fingerprint(a.model, key) != step_fingerprint(b.model, key)
 
 
 def test_generator_uses_bucketed_cache(tiny_checkpoints):

@@ -1,13 +1,23 @@
-"""The compiled decode step: torch.compile of `Transformer.decode_step`, cached on disk across processes.
+"""The compiled decode step: torch.compile of `Transformer.decode_step`, saved on disk across processes.
 
 Why: at this model size a decode step is ~100 tiny ops and eager PyTorch spends most of its time in
 Python/dispatcher overhead. Inductor fuses the step into a few C++ kernels (cpp_wrapper removes the
 remaining Python). Shapes are static (a KV cache of a fixed bucket size and a (1,) position tensor), so
-each cache bucket compiles once; the FX-graph cache makes later processes reuse the artifacts.
+each cache bucket compiles once.
+
+Each compiled step is an ahead-of-time artifact (`torch.compile(...).aot_compile`, saved with
+`save_compiled_function`): a later process loads it without re-tracing the model with dynamo (~2 s of the
+~4 s a cached torch.compile still costs). Dynamo's tensor guards are left out of the artifact (they cannot
+be checked reliably across inference mode); instead the file name is a fingerprint of everything the traced
+code depends on: torch and Python versions, the source of the modules it runs, the config, every parameter
+and buffer's name/shape/stride/dtype, every module's plain attributes, and the (batch, cache slots, dtype)
+shape. If the AOT path fails, the step falls back to a regular torch.compile (FX-graph cached).
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import os
 import shutil
 import sys
@@ -24,9 +34,18 @@ CACHE_BUCKET = 256  # KV-cache lengths are rounded up to a multiple of this, so 
 # (the compiled step attends over the whole bucket: 256 vs 512 is ~6% faster decode on the default model)
 
 
+def cache_root() -> Path:
+    return Path(os.environ.get("EDGELLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "edgellm"))
+
+
 def cache_dir() -> Path:
-    root = os.environ.get("EDGELLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "edgellm")
-    return Path(root) / "inductor"
+    """Inductor's own cache (FX graphs, C++ builds)."""
+    return cache_root() / "inductor"
+
+
+def steps_dir() -> Path:
+    """The saved AOT-compiled decode steps, one file per fingerprint."""
+    return cache_root() / "steps"
 
 
 def compiler_available() -> str | None:
@@ -35,6 +54,35 @@ def compiler_available() -> str | None:
     if shutil.which(cxx) is None and shutil.which("c++") is None:
         return f"no C++ compiler ({cxx}) on PATH"
     return None
+
+
+def step_fingerprint(model: Transformer, key: tuple) -> str:
+    """Everything the traced decode step depends on (see the module docstring), hashed."""
+    from .quant import kernels, linear
+
+    h = hashlib.sha256()
+    h.update(f"{torch.__version__}|{sys.version}|{key}|{model.config!r}".encode())
+    for mod in (sys.modules[Transformer.__module__], linear, kernels, sys.modules[__name__]):
+        h.update(Path(mod.__file__).read_bytes())
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        h.update(f"{name}:{tuple(t.shape)}:{t.stride()}:{t.dtype}".encode())
+    for name, m in model.named_modules():
+        plain = {k: v for k, v in vars(m).items() if isinstance(v, int | float | str | bool | type(None))}
+        h.update(f"{name}:{type(m).__qualname__}:{sorted(plain.items())}".encode())
+    return h.hexdigest()[:32]
+
+
+def _decode(model: Transformer, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    return model.decode_step(token, pos)
+
+
+def _serializable_guards(entries: list) -> list[bool]:
+    """Keep only guards an AOT artifact can hold and that stay valid across processes (no tensor matches:
+    the fingerprint covers shapes and dtypes)."""
+    from torch._dynamo.guards import CheckFunctionManager
+
+    drop = set(CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES) | {"TENSOR_MATCH"}
+    return [not (e.is_global or e.guard_type in drop) for e in entries]
 
 
 def bucket(length: int) -> int:
@@ -64,11 +112,33 @@ class CompiledDecoder:
         inductor_config.fx_graph_cache = True
         self.enabled = True
 
-    def _compile(self) -> Callable:
-        # A fresh copy of decode_step's code object per cache shape: dynamo keeps compiled entries per code
-        # object and checks them one after another on every call, so with one shared code object each extra
-        # bucket adds a failing guard check to every step (benchmark_exact's tg128 went from 155 to 181 t/s
-        # with this copy), and the 9th bucket would hit dynamo's recompile limit (8) and silently run eager.
+    def _load_or_compile(self, key: tuple, token: torch.Tensor, pos: torch.Tensor) -> Callable:
+        """The AOT-compiled step for this shape: loaded from disk, or compiled now and saved."""
+        path = steps_dir() / f"decode-{step_fingerprint(self.model, key)}.bin"
+        fn = None
+        if path.is_file():
+            try:
+                with path.open("rb") as f:
+                    fn = torch.compiler.load_compiled_function(f)
+            except Exception:  # stale or unreadable: compile afresh
+                fn = None
+        if fn is None:
+            opts = {"guard_filter_fn": _serializable_guards}
+            fn = torch.compile(_decode, fullgraph=True, dynamic=False, options=opts).aot_compile(
+                ((self.model, token, pos), {}))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            fn.save_compiled_function(str(tmp))
+            os.replace(tmp, path)  # atomic: a concurrent process never reads half a file
+        fn._guard_check_enabled = False  # the file name already pins every shape and dtype
+        model = self.model
+        return lambda t, p: fn(model, t, p)
+
+    def _compile_jit(self) -> Callable:
+        # Fallback when the AOT path fails. A fresh copy of decode_step's code object per cache shape: dynamo
+        # keeps compiled entries per code object and checks them one after another on every call, so with one
+        # shared code object each extra bucket adds a failing guard check to every step, and the 9th bucket
+        # would hit dynamo's recompile limit (8) and silently run eager.
         fn = types.FunctionType(Transformer.decode_step.__code__.replace(), Transformer.decode_step.__globals__,
                                 "decode_step")
         return torch.compile(types.MethodType(fn, self.model), fullgraph=True, dynamic=False)
@@ -83,8 +153,13 @@ class CompiledDecoder:
             return fn(token, pos)
         t0 = time.perf_counter()
         try:
-            fn = self._compile()
-            out = fn(token, pos)
+            try:
+                fn = self._load_or_compile(key, token, pos)
+                out = fn(token, pos)
+            except Exception as e:  # the AOT path is experimental in torch: fall back to plain torch.compile
+                self.note = f"AOT-compiled step unavailable ({type(e).__name__}); compiled with torch.compile"
+                fn = self._compile_jit()
+                out = fn(token, pos)
         except Exception as e:  # a broken toolchain must not break generation
             self.enabled = False
             self.note = f"compiled decode failed ({type(e).__name__}); using eager PyTorch"
