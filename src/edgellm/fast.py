@@ -16,6 +16,7 @@ shape. If the AOT path fails, the step falls back to a regular torch.compile (FX
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import os
@@ -56,19 +57,28 @@ def compiler_available() -> str | None:
     return None
 
 
-def step_fingerprint(model: Transformer, key: tuple) -> str:
-    """Everything the traced decode step depends on (see the module docstring), hashed."""
+@functools.cache
+def _source_hash() -> str:
+    """The source of the modules the decode step runs, read once (as this process runs them)."""
     from .quant import kernels, linear
 
     h = hashlib.sha256()
-    h.update(f"{torch.__version__}|{sys.version}|{key}|{model.config!r}".encode())
     for mod in (sys.modules[Transformer.__module__], linear, kernels, sys.modules[__name__]):
         h.update(Path(mod.__file__).read_bytes())
+    return h.hexdigest()
+
+
+def step_fingerprint(model: Transformer, key: tuple) -> str:
+    """Everything the traced decode step depends on (see the module docstring), hashed."""
+    h = hashlib.sha256()
+    h.update(f"{torch.__version__}|{sys.version}|{_source_hash()}|{key}|{model.config!r}".encode())
     for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
         h.update(f"{name}:{tuple(t.shape)}:{t.stride()}:{t.dtype}".encode())
     for name, m in model.named_modules():
         plain = {k: v for k, v in vars(m).items() if isinstance(v, int | float | str | bool | type(None))}
-        h.update(f"{name}:{type(m).__qualname__}:{sorted(plain.items())}".encode())
+        # tensors kept as plain attributes (the RoPE tables, an input scale): their layout is traced too
+        plain |= {k: (tuple(v.shape), v.stride(), v.dtype) for k, v in vars(m).items() if isinstance(v, torch.Tensor)}
+        h.update(f"{name}:{type(m).__qualname__}:{sorted(plain.items(), key=str)}".encode())
     return h.hexdigest()[:32]
 
 
