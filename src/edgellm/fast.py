@@ -82,6 +82,21 @@ def step_fingerprint(model: Transformer, key: tuple) -> str:
     return h.hexdigest()[:32]
 
 
+def _machine_id() -> str:
+    """What inductor's SIMD probe result depends on: the CPU, the compiler, torch."""
+    cpu = ""
+    try:
+        cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        pass
+    cxx = shutil.which(os.environ.get("CXX") or "g++") or shutil.which("c++") or ""
+    return hashlib.sha256(f"{torch.__version__}|{cxx}|{cpu}".encode()).hexdigest()
+
+
+def _isa_marker() -> Path:
+    return steps_dir() / "simd-probe-ok"
+
+
 def _decode(model: Transformer, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return model.decode_step(token, pos)
 
@@ -120,6 +135,10 @@ class CompiledDecoder:
 
         inductor_config.cpp_wrapper = True
         inductor_config.fx_graph_cache = True
+        if _isa_marker().is_file() and _isa_marker().read_text() == _machine_id():
+            # Inductor checks each SIMD instruction set by building and loading a probe library in a child
+            # Python (~0.9 s per process). A compiled step already ran on this machine with this toolchain.
+            inductor_config.cpp.vec_isa_ok = True
         self.enabled = True
 
     def _load_or_compile(self, key: tuple, token: torch.Tensor, pos: torch.Tensor) -> Callable:
@@ -177,4 +196,10 @@ class CompiledDecoder:
             return self.model.decode_step(token, pos)
         self.compile_s += time.perf_counter() - t0
         self._fns[key] = fn
+        if not _isa_marker().is_file():
+            try:
+                _isa_marker().parent.mkdir(parents=True, exist_ok=True)
+                _isa_marker().write_text(_machine_id())
+            except OSError:  # a read-only cache only costs the probe next time
+                pass
         return out
