@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 
 from ..config import ModelConfig
 from ..errors import CorruptCheckpointError, UnsupportedModelError
+from ..loading import meta_transformer
 from ..loading.hf_folder import read_json
 from ..model import Transformer
 from . import kernels
@@ -406,8 +407,7 @@ class QuantizedCheckpoint:
     # ------------------------------------------------------------------ the model
     def build(self, dtype: torch.dtype) -> Transformer:
         cfg = self.config
-        with torch.device("meta"):
-            model = Transformer(cfg)
+        model = meta_transformer(cfg)  # skip_init: nn.init on meta tensors would import torch._dynamo (~1 s, ~70 MB)
         state: dict[str, torch.Tensor] = {}
         for hf, ours in (("model.embed_tokens.weight", "embed_tokens.weight"), ("model.norm.weight", "norm.weight")):
             state[ours] = self.get(hf).to(dtype)
@@ -475,8 +475,8 @@ def describe_model(path: str | Path) -> Transformer | None:
     side_meta = json.loads((safe_open(str(side), framework="pt").metadata() or {}).get("edgellm_layers", "{}")) \
         if side.is_file() else {}
     bits, group = meta.get("w_bit") or qc.get("bits", 4), meta.get("group_size") or qc.get("group_size", 128)
+    model = meta_transformer(config)
     with torch.device("meta"):
-        model = Transformer(config)
         model.tie_weights()
         for i in range(config.num_layers):
             for ours, parts in hf_parts(config).items():

@@ -94,8 +94,15 @@ class QLinearPerGrp(nn.Module):
         # Centre codes of fewer than 4 bits on the kernel's fixed 8 (3 bit: 0..7 -> 4..11): the float zero
         # (8 - z) * s stays small, so less of the result cancels out after bf16 rounding.
         self.code_shift = 8 - 2 ** (self.w_bit - 1)
-        codes = F.pad(qw.q + self.code_shift, (0, self.k_pad - k, 0, self.n_pad - n))
-        self._buf("packed", kernels.pack_int4(codes))
+        # Padded and packed PACK_ROWS rows at a time straight into the result: a 49k-row lm_head would
+        # otherwise hold several full-size copies of its codes (shifted, padded, int32) at once.
+        packed = torch.empty(self.n_pad, self.k_pad // 2, dtype=torch.uint8)
+        for r in range(0, self.n_pad, kernels.PACK_ROWS):
+            rows = min(kernels.PACK_ROWS, self.n_pad - r)
+            c = qw.q[r:r + rows]
+            c = F.pad(c + self.code_shift if self.code_shift else c, (0, self.k_pad - k, 0, rows - c.shape[0]))
+            packed[r:r + rows] = kernels.pack_int4(c)
+        self._buf("packed", packed)
         # Kernel block j starts at column j * kgroup; it lies inside weight group (j * kgroup) // group_size.
         starts = torch.arange(self.k_pad // self.kgroup) * self.kgroup
         idx = torch.zeros_like(starts) if self.group_size == -1 else (starts // self.group_size)

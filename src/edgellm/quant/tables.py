@@ -109,8 +109,6 @@ def run_mmlu(work: Path, results: dict, save, log, limit: int) -> None:
 
 def rss_child(work: Path, column: str) -> dict[str, float]:
     """Run in a fresh process: load, generate 60 tokens; peak RSS of the generation, and of the whole run."""
-    import torch
-
     import edgellm  # noqa: F401
 
     def status(field: str) -> float:
@@ -120,11 +118,11 @@ def rss_child(work: Path, column: str) -> dict[str, float]:
         return math.nan
 
     from ..config import ModelConfig
-    from ..model import Transformer
+    from ..loading import meta_transformer
 
-    with torch.device("meta"):  # pay torch's one-time meta-device imports (~70 MB) before the baseline
-        Transformer(ModelConfig(num_layers=1, hidden_size=64, intermediate_size=64, num_heads=1, num_kv_heads=1,
-                                head_dim=64, vocab_size=64))
+    # pay the one-time cost of building a module tree on the meta device before the baseline
+    meta_transformer(ModelConfig(num_layers=1, hidden_size=64, intermediate_size=64, num_heads=1, num_kv_heads=1,
+                                 head_dim=64, vocab_size=64))
     base = status("VmRSS")
     llm = load_column(work, column)
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
