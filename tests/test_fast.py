@@ -73,6 +73,23 @@ def test_compiled_step_matches_eager(tiny_checkpoints, tmp_path, monkeypatch):
     assert (ref2 - got2).abs().max().item() <= 1e-4 and (ref2 - ref).abs().max().item() > 1e-2
 
 
+@pytest.mark.skipif(compiler_available() is not None, reason="no C++ compiler for torch.compile")
+@torch.inference_mode()
+def test_failed_aot_compile_falls_back_to_torch_compile(tiny_checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGELLM_CACHE", str(tmp_path))
+    llm = edgellm.load(tiny_checkpoints["llama"], dtype="fp32")
+    fast = CompiledDecoder(llm.model)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("aot_compile unsupported here")
+
+    monkeypatch.setattr(fast, "_load_or_compile", broken)
+    ids = torch.randint(3, 320, (24,), generator=torch.Generator().manual_seed(2)).tolist()
+    ref, got = decode_both(llm, ids, 12, cache_len=32, step_fn=fast.step)
+    assert (ref - got).abs().max().item() <= 1e-4
+    assert fast.enabled and "AOT-compiled step unavailable (RuntimeError)" in fast.note
+
+
 def test_step_fingerprint_pins_shapes_and_weights(tiny_checkpoints):
     from edgellm.fast import step_fingerprint
     from edgellm.quant import quantize_llm
