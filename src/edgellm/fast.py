@@ -155,10 +155,14 @@ class CompiledDecoder:
             opts = {"guard_filter_fn": _serializable_guards}
             fn = torch.compile(_decode, fullgraph=True, dynamic=False, options=opts).aot_compile(
                 ((self.model, token, pos), {}))
-            path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            fn.save_compiled_function(str(tmp))
-            os.replace(tmp, path)  # atomic: a concurrent process never reads half a file
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fn.save_compiled_function(str(tmp))
+                os.replace(tmp, path)  # atomic: a concurrent process never reads half a file
+            except OSError as e:  # a read-only or full cache: use the step, compile again next time
+                tmp.unlink(missing_ok=True)
+                self.note = f"compiled decode step not saved ({e.strerror or e})"
         fn._guard_check_enabled = False  # the file name already pins every shape and dtype
         model = self.model
         return lambda t, p: fn(model, t, p)
