@@ -4,6 +4,7 @@ default model; and the peak memory of loading it."""
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import json
 import os
@@ -77,6 +78,21 @@ def test_generate_prompt_argument(capsys: pytest.CaptureFixture[str], tiny: edge
               "--top-k", "50", "--top-p", "0.9", "--min-p", "0.01", "--repetition-penalty", "1.1", PROMPT)
     assert out == tiny.generate(PROMPT, max_new_tokens=10, temperature=0.8, seed=3, top_k=50, top_p=0.9,
                                 min_p=0.01, repetition_penalty=1.1) + "\n"
+
+
+def test_program_run_freezes_gc_before_exit(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                            tiny_path: str) -> None:
+    """As the program (no argv), main() freezes the GC so interpreter shutdown skips the cyclic collection
+    (~1 s with torch's compiler stack loaded); a caller passing arguments keeps its GC untouched."""
+    argv = ["generate", "--model", tiny_path, "--dtype", "fp32", "--no-compile", "-n", "2", PROMPT]
+    gc.unfreeze()
+    try:
+        assert main(argv) == 0 and gc.get_freeze_count() == 0
+        monkeypatch.setattr(sys, "argv", ["edgellm", *argv])
+        assert main() == 0 and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+    capsys.readouterr()
 
 
 @pytest.mark.parametrize("stdin_arg", [[], ["-"]])
