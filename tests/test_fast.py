@@ -40,6 +40,24 @@ def test_decode_step_matches_forward(tiny_checkpoints, name):
     assert (ref - got).abs().max().item() <= 1e-4, name
 
 
+def test_prune_steps_deletes_only_long_unused(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from edgellm.fast import prune_steps, steps_dir
+
+    monkeypatch.setenv("EDGELLM_CACHE", str(tmp_path))
+    steps_dir().mkdir(parents=True)
+    old, recent, other = (steps_dir() / n for n in ("decode-old.bin", "decode-recent.bin", "simd-probe-ok"))
+    for f in (old, recent, other):
+        f.write_bytes(b"x")
+    long_ago = time.time() - 40 * 86400
+    os.utime(old, (long_ago, long_ago))
+    os.utime(other, (long_ago, long_ago))
+    prune_steps(30)
+    assert not old.exists() and recent.exists() and other.exists()
+
+
 def test_bucket_sizes():
     assert bucket(1) == 256 and bucket(256) == 256 and bucket(257) == 512 and bucket(513) == 768
 

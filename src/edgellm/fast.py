@@ -11,11 +11,13 @@ Each compiled step is an ahead-of-time artifact (`torch.compile(...).aot_compile
 be checked reliably across inference mode); instead the file name is a fingerprint of everything the traced
 code depends on: torch and Python versions, the source of the modules it runs, the config, every parameter
 and buffer's name/shape/stride/dtype, every module's plain attributes, and the (batch, cache slots, dtype)
-shape. If the AOT path fails, the step falls back to a regular torch.compile (FX-graph cached).
+shape. If the AOT path fails, the step falls back to a regular torch.compile (FX-graph cached). Saved steps
+unused for 30 days are deleted whenever a new one is saved.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import itertools
@@ -80,6 +82,20 @@ def step_fingerprint(model: Transformer, key: tuple) -> str:
         plain |= {k: (tuple(v.shape), v.stride(), v.dtype) for k, v in vars(m).items() if isinstance(v, torch.Tensor)}
         h.update(f"{name}:{type(m).__qualname__}:{sorted(plain.items(), key=str)}".encode())
     return h.hexdigest()[:32]
+
+
+STEP_MAX_AGE_DAYS = 30  # saved steps not used for this long are deleted when a new one is saved
+
+
+def prune_steps(max_age_days: float = STEP_MAX_AGE_DAYS) -> None:
+    """Delete saved steps unused for `max_age_days` (every source edit or torch upgrade makes new ones)."""
+    cutoff = time.time() - max_age_days * 86400
+    for f in steps_dir().glob("decode-*.bin"):
+        try:
+            if f.stat().st_mtime < cutoff:
+                f.unlink()
+        except OSError:  # another process got there first, or a read-only cache
+            pass
 
 
 def _machine_id() -> str:
@@ -151,6 +167,9 @@ class CompiledDecoder:
                     fn = torch.compiler.load_compiled_function(f)
             except Exception:  # stale or unreadable: compile afresh
                 fn = None
+            else:
+                with contextlib.suppress(OSError):  # a read-only cache is fine
+                    os.utime(path)  # "last used", for prune_steps
         if fn is None:
             opts = {"guard_filter_fn": _serializable_guards}
             fn = torch.compile(_decode, fullgraph=True, dynamic=False, options=opts).aot_compile(
@@ -160,6 +179,7 @@ class CompiledDecoder:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 fn.save_compiled_function(str(tmp))
                 os.replace(tmp, path)  # atomic: a concurrent process never reads half a file
+                prune_steps()
             except OSError as e:  # a read-only or full cache: use the step, compile again next time
                 tmp.unlink(missing_ok=True)
                 self.note = f"compiled decode step not saved ({e.strerror or e})"
