@@ -37,3 +37,20 @@ def test_shared_prefix_batches_match_plain_forward(llm_fp32):
     for r in reqs:
         ref = llm_fp32.logits(r.ids)[r.positions]
         assert (torch.tensor(got[r.key]) - ref).abs().max().item() < 1e-3
+
+
+def test_kv_cache_stays_within_budget_across_groups(llm_fp32, monkeypatch):
+    """Groups with many short prompts then few long ones: the cache keeps the larger shape only while
+    (most rows) x (longest prompt) fits the budget, instead of growing both without bound."""
+    from edgellm.eval import engine
+
+    runner = Runner(llm_fp32, ResultStore(None, "t"), progress=False)
+    cfg = llm_fp32.config
+    per_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 4  # fp32 keys + values, every layer
+    monkeypatch.setattr(engine, "CACHE_BYTES", per_token * 1000)  # room for 1000 cached tokens
+    runner._ensure_cache(8, 100)       # 800 tokens
+    runner._ensure_cache(2, 120)       # (8, 120) = 960 tokens still fits: keep the larger shape
+    assert runner._cache_shape == (8, 120)
+    runner._ensure_cache(2, 400)       # (8, 400) would be 3200: allocate just (2, 400)
+    assert runner._cache_shape == (2, 400)
+    assert llm_fp32.model.layers[0].self_attn.cache.k.shape[0] == 2

@@ -155,7 +155,9 @@ class Runner:
     def _ensure_cache(self, rows: int, length: int) -> None:
         b, s = self._cache_shape
         b, s = max(b, rows), max(s, length)
-        self.model.setup_cache(b, s)  # reallocates only when it grows; otherwise just resets
+        if b > self._cache_rows(s):  # growing rows and length separately would exceed the budget (a cache of
+            b, s = rows, length      # the most rows of any group x the longest prompt: ~3 GB at MMLU 5-shot)
+        self.model.setup_cache(b, s)  # reallocates only when the shape changes; otherwise just resets
         self._cache_shape = (b, s)
 
     def _fill_prefix(self, ids: list[int], rows: int) -> None:
