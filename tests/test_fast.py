@@ -65,7 +65,11 @@ def test_bucket_sizes():
 @pytest.mark.skipif(compiler_available() is not None, reason="no C++ compiler for torch.compile")
 @torch.inference_mode()
 def test_compiled_step_matches_eager(tiny_checkpoints, tmp_path, monkeypatch):
+    from edgellm.fast import _isa_marker, _machine_id
+
     monkeypatch.setenv("EDGELLM_CACHE", str(tmp_path))
+    _isa_marker().parent.mkdir(parents=True)
+    _isa_marker().write_text("written for another CPU or torch")  # not trusted: inductor probes, then rewritten
     llm = edgellm.load(tiny_checkpoints["mistral"], dtype="fp32")  # rolling cache + window mask
     fast = CompiledDecoder(llm.model)
     assert fast.enabled
@@ -73,6 +77,7 @@ def test_compiled_step_matches_eager(tiny_checkpoints, tmp_path, monkeypatch):
     ref, got = decode_both(llm, ids, 40, cache_len=64, step_fn=fast.step)
     assert (ref - got).abs().max().item() <= 1e-4
     assert fast.compile_s > 0 and fast.note == ""  # the AOT path, not the torch.compile fallback
+    assert _isa_marker().read_text() == _machine_id()
     assert len(list((tmp_path / "steps").glob("decode-*.bin"))) == 1
 
     # A second model (as in a new process) loads the saved step instead of compiling: compiling is disabled.

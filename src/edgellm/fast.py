@@ -151,7 +151,9 @@ class CompiledDecoder:
 
         inductor_config.cpp_wrapper = True
         inductor_config.fx_graph_cache = True
-        if _isa_marker().is_file() and _isa_marker().read_text() == _machine_id():
+        marker = _isa_marker()
+        self._isa_trusted = marker.is_file() and marker.read_text() == _machine_id()
+        if self._isa_trusted:
             # Inductor checks each SIMD instruction set by building and loading a probe library in a child
             # Python (~0.9 s per process). A compiled step already ran on this machine with this toolchain.
             inductor_config.cpp.vec_isa_ok = True
@@ -220,10 +222,9 @@ class CompiledDecoder:
             return self.model.decode_step(token, pos)
         self.compile_s += time.perf_counter() - t0
         self._fns[key] = fn
-        if not _isa_marker().is_file():
-            try:
+        if not self._isa_trusted:  # missing, or written for another CPU / compiler / torch
+            with contextlib.suppress(OSError):  # a read-only cache only costs the probe next time
                 _isa_marker().parent.mkdir(parents=True, exist_ok=True)
                 _isa_marker().write_text(_machine_id())
-            except OSError:  # a read-only cache only costs the probe next time
-                pass
+            self._isa_trusted = True
         return out

@@ -3,6 +3,8 @@ or for their dequantized float weights (fake quantization, for evaluation)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 import torch
 from torch import nn
 
@@ -48,10 +50,13 @@ def lm_head_is_tied(model: Transformer) -> bool:
     return isinstance(head, nn.Linear) and head.weight is model.embed_tokens.weight
 
 
-def rtn_weights(model: Transformer, spec: QuantSpec) -> dict[str, QuantizedWeight]:
-    """Round-to-nearest per-group codes for every linear the spec covers, from the current float weights."""
-    return {name: quantize(get_module(model, name).weight, spec.w_bit, spec.group_size, spec.sym)
-            for name in linear_names(model, spec.quantize_lm_head)}
+def rtn_weights(model: Transformer, spec: QuantSpec) -> Iterator[tuple[str, QuantizedWeight]]:
+    """Round-to-nearest per-group codes for every linear the spec covers, from the current float weights.
+
+    Lazy: each weight is read when its turn comes, so `install` can replace a layer before the next is
+    rounded (the model plus one layer's fp32 scratch, never a second copy of the model)."""
+    for name in linear_names(model, spec.quantize_lm_head):
+        yield name, quantize(get_module(model, name).weight, spec.w_bit, spec.group_size, spec.sym)
 
 
 def install_one(model: Transformer, name: str, qw: QuantizedWeight, dtype: torch.dtype, fake: bool = False,
@@ -77,10 +82,10 @@ def install_one(model: Transformer, name: str, qw: QuantizedWeight, dtype: torch
         set_module(model, name, q)
 
 
-def install(model: Transformer, weights: dict[str, QuantizedWeight], dtype: torch.dtype, fake: bool = False,
-            backend: str = "auto") -> None:
-    """`install_one` for every entry of `weights`."""
-    for name, qw in weights.items():
+def install(model: Transformer, weights: Iterable[tuple[str, QuantizedWeight]], dtype: torch.dtype,
+            fake: bool = False, backend: str = "auto") -> None:
+    """`install_one` for every (name, weight) pair, in order."""
+    for name, qw in weights:
         install_one(model, name, qw, dtype, fake, backend)
 
 

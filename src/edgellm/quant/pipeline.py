@@ -15,8 +15,7 @@ from ..memory import release_free_memory
 from ..model import Transformer
 from .awq import AWQOptions, LayerResult, ProgressFn, run_awq
 from .calib import CalibConfig, calibration_ids
-from .convert import finish_floats, get_module, install_one, linear_names
-from .pergroup import quantize
+from .convert import finish_floats, install, linear_names, rtn_weights
 from .spec import QuantSpec, parse_quant
 
 if TYPE_CHECKING:
@@ -60,9 +59,7 @@ def quantize_model(model: Transformer, spec: QuantSpec, tokenizer=None, *, calib
         log(f"AWQ: calibrating on {result.calibration}")
         result.awq_layers = run_awq(model, ids, spec, options, cache_dir, log, progress)
     names = linear_names(model, spec.quantize_lm_head)
-    for name in names:
-        qw = quantize(get_module(model, name).weight, spec.w_bit, spec.group_size, spec.sym)
-        install_one(model, name, qw, dtype, fake=fake)
+    install(model, rtn_weights(model, spec), dtype, fake=fake)
     finish_floats(model, dtype, skip=tuple(names))
     result.n_quantized = len(names)
     release_free_memory()  # the float weights and fp32 scratch just replaced
