@@ -83,11 +83,15 @@ class KVCache(nn.Module):
         self.slot_pos.index_copy_(0, slot, pos)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    # HF layout: the head dim is split in halves [x1, x2] (not interleaved pairs as in Meta's original code;
-    # GGUF llama weights are permuted for interleaved RoPE and the GGUF loader undoes that).
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """HF's x * cos + rotate_half(x) * sin, where rotate_half([x1, x2]) = [-x2, x1].
+
+    HF layout: the head dim is split in halves [x1, x2] (not interleaved pairs as in Meta's original code;
+    GGUF llama weights are permuted for interleaved RoPE and the GGUF loader undoes that). The minus sign lives
+    in the table (`sin_signed` = [-sin, sin], see Transformer.init_rope), which saves a negation pass; the
+    products are the same numbers, so results are bit-identical to HF's formula."""
+    h = x.shape[-1] // 2
+    return x * cos + torch.cat((x[..., h:], x[..., :h]), dim=-1) * sin_signed
 
 
 ATTN_BLOCK = 64  # query rows per block of blocked_causal_attention (64 beat 32 and 128 at 512 and 2048 tokens)
@@ -137,14 +141,16 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
                 use_cache: bool) -> torch.Tensor:
+        """x (B, T, C) at positions start..; cos/sin: (T, D) rows of the model's RoPE tables."""
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split([self.cfg.q_size, self.cfg.kv_size, self.cfg.kv_size], dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)     # (B, Hkv, T, D)
-        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)     # (B, Hkv, T, D)
-        cos, sin = cos.to(q.dtype), sin.to(q.dtype)                     # (T, D)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
+        qkv = self.qkv_proj(x)                                          # (B, T, (H + 2 Hkv) D)
+        # q and k are adjacent in the fused projection: rotate both heads' sets in one pass.
+        qk = qkv[..., :self.cfg.q_size + self.cfg.kv_size].view(B, T, H + Hkv, D)
+        qk = apply_rope(qk, cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None])  # (B, T, H + Hkv, D)
+        q = qk[:, :, :H].transpose(1, 2)                                # (B, H, T, D)
+        k = qk[:, :, H:].transpose(1, 2)                                # (B, Hkv, T, D)
+        v = qkv[..., self.cfg.q_size + self.cfg.kv_size:].view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
 
         if use_cache:
             if self.cache is None:
@@ -183,8 +189,8 @@ class Attention(nn.Module):
         k = k.view(B, 1, self.n_kv, self.head_dim).transpose(1, 2)     # (B, Hkv, 1, D)
         v = v.view(B, 1, self.n_kv, self.head_dim).transpose(1, 2)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)                     # (1, D)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
         cache.write_one(pos, k, v)
         group = self.n_heads // self.n_kv
         # Broadcast-multiply + sum instead of matmul: inductor fuses rope, the cache write, both reductions and
@@ -247,12 +253,14 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def init_rope(self, max_len: int | None = None) -> None:
-        """(Re)compute the fp32 cos/sin tables for positions 0..max_len-1 (after weights are materialised)."""
+        """(Re)compute the fp32 RoPE tables for positions 0..max_len-1 (after weights are materialised):
+        rope_cos = [cos, cos] and rope_sin = [-sin, sin] per position (the sign of rotate_half, see apply_rope)."""
         n = max_len or self.config.max_seq_len
         inv_freq = rope_inv_freq(self.config)                                # (D/2,)
         freqs = torch.arange(n, dtype=torch.float32)[:, None] * inv_freq[None, :]  # (n, D/2)
-        emb = torch.cat([freqs, freqs], dim=-1)                              # (n, D)
-        self.rope_cos, self.rope_sin = emb.cos(), emb.sin()
+        cos, sin = freqs.cos(), freqs.sin()
+        self.rope_cos = torch.cat([cos, cos], dim=-1)                        # (n, D)
+        self.rope_sin = torch.cat([-sin, sin], dim=-1)
 
     def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
         """Preallocate one KV cache per layer for `batch` sequences of up to `max_len` tokens."""
@@ -283,9 +291,9 @@ class Transformer(nn.Module):
         B, T = ids.shape
         if self.rope_cos is None or self.rope_cos.shape[0] < start + T:
             self.init_rope(max(start + T, self.config.max_seq_len))
-        cos = self.rope_cos[start:start + T]  # (T, D)
-        sin = self.rope_sin[start:start + T]
-        x = self.embed_tokens(ids)            # (B, T, C)
+        x = self.embed_tokens(ids)                                # (B, T, C)
+        cos = self.rope_cos[start:start + T].to(x.dtype)         # (T, D), converted once for every layer
+        sin = self.rope_sin[start:start + T].to(x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, start, use_cache)
         if last_only:
