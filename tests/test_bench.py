@@ -76,3 +76,63 @@ def test_prompts_are_cut_from_real_text():
     with pytest.raises(ValueError):
         prompt_of_length(ids, 200)
     assert len(text) > 10_000
+
+
+class FakeSession:
+    """Records the order in which run_interleaved drives the engines."""
+
+    def __init__(self, name: str, calls: list, fail_at: str | None = None) -> None:
+        self.name = self.peer = name
+        self.calls, self.fail_at = calls, fail_at
+
+    def _do(self, what: str) -> None:
+        if what == self.fail_at:
+            from edgellm.bench import PeerFailed
+
+            raise PeerFailed("boom")
+        self.calls.append((self.name, what))
+
+    def warmup(self):
+        self._do("warmup")
+
+    def row(self, i):
+        from edgellm.peers import Row
+
+        self._do(f"row{i}")
+        return Row(i + 1, 8, 2, 0.1, 10.0, 5.0, 200.0)
+
+    def summary_round(self):
+        self._do("summary")
+        return 100.0, 50.0
+
+    def finish(self):
+        from edgellm.peers import BenchResult
+
+        self._do("finish")
+        return BenchResult(self.name, "benchmark_exact")
+
+
+def test_engines_are_interleaved_and_a_failing_peer_is_dropped():
+    from edgellm.bench import run_interleaved
+
+    calls, notes = [], []
+    job = {"prompts": [[1] * 8, [2] * 8], "repeat": 1}
+    sessions = [FakeSession("ours", calls), FakeSession("peer", calls), FakeSession("bad", calls, fail_at="row1")]
+    results = run_interleaved(sessions, job, notes.append)
+    assert calls[:7] == [("ours", "warmup"), ("peer", "warmup"), ("bad", "warmup"), ("ours", "row0"),
+                         ("peer", "row0"), ("bad", "row0"), ("ours", "row1")]
+    assert calls[7:] == [("peer", "row1")] + [("ours", "summary"), ("peer", "summary")] * 3 + \
+        [("ours", "finish"), ("peer", "finish")]
+    assert [r.engine for r in results] == ["ours", "peer"]
+    assert any("peer bad failed (boom); dropped" in n for n in notes)
+
+
+def test_a_peer_that_crashes_is_skipped_with_its_error(tmp_path):
+    pytest.importorskip("transformers")
+    from edgellm.bench import start_peer
+
+    notes = []
+    job = {"task": "decode", "prompts": [[1, 2]], "pp_prompt": [1], "tg_prompt": [1], "new_tokens": 2, "repeat": 1,
+           "max_context": 64, "threads": 1, "n_ctx": 16, "model_path": str(tmp_path / "missing"), "dtype": "float32"}
+    assert start_peer("transformers", job, notes.append) is None
+    assert notes[-1].startswith("note: peer transformers failed (") and len(notes[-1].splitlines()) == 1

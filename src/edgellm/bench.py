@@ -7,6 +7,7 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .peers import BenchResult, Engine, Row, median, run_engine
+from .peers import BenchResult, Engine, Row, Session, median, summary_rounds
 from .report import markdown_table
 
 BENCHMARK_LENGTHS = [5, 78, 128, 140, 256, 293, 372, 512, 580, 717, 790, 800, 900, 1024, 1050, 1320, 1537,
@@ -118,31 +119,115 @@ def summary_prompts(tokenizer, data: str | None, max_context: int) -> tuple[list
     return prompt, prompt[:16]
 
 
-def run_peer(peer: str, job: dict, log: Callable[[str], None]) -> BenchResult | None:
-    import subprocess
-    import tempfile
+class PeerFailed(RuntimeError):
+    pass
 
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump({**job, "peer": peer}, f)
-    try:
-        log(f"[{peer}] running in a separate process")
+
+class PeerProcess:
+    """A peer's `Session` in a child process (`python peers.py JOB.json`), driven one request at a time, so
+    its peak RSS is its own and its timings interleave with ours. Same methods as `Session`."""
+
+    def __init__(self, peer: str, job: dict) -> None:
+        import tempfile
+
+        self.peer = peer
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump({**job, "peer": peer}, f)
+        self.job_file = Path(f.name)
+        self.stderr = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty peer cannot block on it
         # Run as a plain script (not `-m edgellm...`): the package's imports (torch) must not count in its RSS.
-        out = subprocess.run([sys.executable, str(Path(__file__).with_name("peers.py")), f.name],
-                             capture_output=True, text=True)
-    finally:
-        Path(f.name).unlink(missing_ok=True)
-    lines = out.stdout.strip().splitlines()
-    if out.returncode != 0 or not lines:
-        err = (out.stderr.strip().splitlines() or ["no output"])[-1]
-        log(f"note: peer {peer} failed ({err}); skipped")
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("peers.py")), str(self.job_file)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
+        first = self._read()
+        self.skipped = first.get("skipped")
+        self.name = first.get("ready", peer)
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.close()
+            self.stderr.seek(0)
+            err = (self.stderr.read().strip().splitlines() or [f"exit status {self.proc.returncode}"])[-1]
+            raise PeerFailed(err)
+        return json.loads(line)
+
+    def _ask(self, op: str, **kw) -> dict:
+        try:
+            self.proc.stdin.write(json.dumps({"op": op, **kw}) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # the child is gone: _read reports why
+        return self._read()
+
+    def warmup(self) -> None:
+        self._ask("warmup")
+
+    def row(self, index: int) -> Row:
+        return Row(**self._ask("row", index=index))
+
+    def summary_round(self) -> tuple[float, float]:
+        r = self._ask("summary")
+        return r["pp"], r["tg"]
+
+    def finish(self) -> BenchResult:
+        data = self._ask("finish")
+        self.close()
+        rows = [Row(**r) for r in data.pop("rows")]
+        return BenchResult(rows=rows, **data)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # a hung peer is killed rather than waited for
+                self.proc.kill()
+        self.job_file.unlink(missing_ok=True)
+
+
+def start_peer(peer: str, job: dict, log: Callable[[str], None]) -> PeerProcess | None:
+    log(f"[{peer}] starting in a separate process")
+    try:
+        proc = PeerProcess(peer, job)
+    except PeerFailed as e:
+        log(f"note: peer {peer} failed ({e}); skipped")
         return None
-    data = json.loads(lines[-1])
-    if "skipped" in data:
+    if proc.skipped:
         hint = "; `make bench-peers` installs llama-cpp-python" if peer == "llamacpp" else ""
-        log(f"note: peer {peer} skipped ({data['skipped']}{hint})")
+        log(f"note: peer {peer} skipped ({proc.skipped}{hint})")
+        proc.close()
         return None
-    rows = [Row(**r) for r in data.pop("rows")]
-    return BenchResult(rows=rows, **data)
+    return proc
+
+
+def run_interleaved(sessions: list, job: dict, log: Callable[[str], None]) -> list[BenchResult]:
+    """Every timing of every engine, interleaved: each example runs on each engine in turn, then each
+    pp512/tg128 round. A peer that fails part-way is dropped with a note; edgellm (first) never is."""
+    live = list(sessions)
+
+    def each(step: Callable[[object], None]) -> None:
+        for s in list(live):
+            try:
+                step(s)
+            except PeerFailed as e:
+                log(f"note: peer {s.peer} failed ({e}); dropped")
+                live.remove(s)
+
+    each(lambda s: s.warmup())
+    for i, ids in enumerate(job["prompts"]):
+        def one_row(s, i=i, ids=ids):
+            r = s.row(i)
+            log(f"[{s.name}] example {i + 1}/{len(job['prompts'])}: {len(ids)} tokens, "
+                f"{r.tokens_per_s:.1f} tok/s, prefill {r.prefill_ms:.0f} ms")
+        each(one_row)
+    for k in range(summary_rounds(job)):
+        def one_round(s, k=k):
+            pp, tg = s.summary_round()
+            log(f"[{s.name}] pp512/tg128 round {k + 1}: {pp:.0f} / {tg:.1f} t/s")
+        each(one_round)
+    results = []
+    each(lambda s: results.append(s.finish()))
+    return results
 
 
 def profile_breakdown(llm, prompt_ids: list[int], new: int) -> list[list]:
@@ -249,15 +334,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
            "model_path": str(llm.loaded.path), "dtype": str(llm.dtype).removeprefix("torch.")}
     engine = EdgeEngine(llm, args.compile)
     engine.load_s = load_s
-    results: list[BenchResult] = [run_engine(engine, job, log)]
-    results[0].note = "; ".join(n for n in (results[0].note, quant_note) if n)
+    sessions: list = [Session(engine, job)]
     for peer in args.peer:
         if peer == "llamacpp" and llm.loaded.format != "gguf":
             log("note: --peer llamacpp needs a GGUF model; skipped")
             continue
-        res = run_peer(peer, job, log)
-        if res is not None:
-            results.append(res)
+        proc = start_peer(peer, job, log)
+        if proc is not None:
+            sessions.append(proc)
+    try:
+        results = run_interleaved(sessions, job, log)
+    finally:
+        for s in sessions[1:]:
+            s.close()
+    results[0].note = "; ".join(n for n in (results[0].note, quant_note) if n)
     breakdown = profile_breakdown(llm, prompts[0], args.new_tokens) if args.task == "profile" else None
     print_results(args, results, threads, breakdown)
     if args.plot:

@@ -3,7 +3,7 @@ transformers) and the timing loops shared with edgellm's own engine.
 
 This file imports nothing from edgellm (and not torch at module level) so that `edgellm bench` can run it as a
 plain script in a child process per peer: each peer's peak RSS is then its own, not edgellm's plus torch's.
-    python peers.py JOB.json   ->  one BenchResult as JSON on stdout
+    python peers.py JOB.json   ->  serves one peer's Session over stdin/stdout (see `serve`)
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -161,43 +160,48 @@ class TransformersEngine(Engine):
 
 
 # ------------------------------------------------------------------------------------------------ timing
-def run_rows(engine: Engine, prompts: list[list[int]], new: int, repeat: int,
-             progress: Callable[[str], None]) -> list[Row]:
-    rows = []
-    engine.run(prompts[0][:8], 4)  # warm-up (first-call allocations, compile)
-    for i, ids in enumerate(prompts, 1):
-        runs = []
-        for _ in range(repeat):
-            runs.append(engine.run(ids, new))
-        med = Row(i, len(ids), runs[0].new_tokens, median([r.total_s for r in runs]),
+class Session:
+    """Times one engine one step at a time, so `edgellm bench` can interleave engines: example i of every
+    engine, then example i + 1, ...; then pp512/tg128 rounds in turn. On a machine whose speed drifts, drift
+    then hits every engine alike instead of whichever ran last. Runs in-process for edgellm and inside each
+    peer's child process (`serve`)."""
+
+    def __init__(self, engine: Engine, job: dict) -> None:
+        self.engine, self.job = engine, job
+        self.name = engine.name
+        self.result = BenchResult(engine.name, job["task"], load_s=engine.load_s)
+
+    def warmup(self) -> None:
+        self.engine.run(self.job["prompts"][0][:8], 4)  # first-call allocations, compile
+
+    def row(self, index: int) -> Row:
+        """Example `index` of the task, `repeat` times; the medians become its table row."""
+        ids, new = self.job["prompts"][index], self.job["new_tokens"]
+        runs = [self.engine.run(ids, new) for _ in range(self.job["repeat"])]
+        row = Row(index + 1, len(ids), runs[0].new_tokens, median([r.total_s for r in runs]),
                   median([r.prefill_ms for r in runs]), median([r.time_per_token_ms for r in runs]),
                   median([r.tokens_per_s for r in runs]))
-        rows.append(med)
-        progress(f"[{engine.name}] example {i}/{len(prompts)}: {len(ids)} tokens, "
-                 f"{med.tokens_per_s:.1f} tok/s, prefill {med.prefill_ms:.0f} ms")
-    return rows
+        self.result.rows.append(row)
+        return row
+
+    def summary_round(self) -> tuple[float, float]:
+        """One llama-bench round: pp512 (prefill a 512-token prompt) and tg128 (128 decoded tokens), in t/s."""
+        job = self.job
+        r = self.engine.run(job["pp_prompt"], 1)
+        pp = len(job["pp_prompt"]) / (r.prefill_ms / 1e3)
+        tg = self.engine.run(job["tg_prompt"], min(129, job["max_context"] - 24)).tokens_per_s
+        self.result.pp512.append(pp)
+        self.result.tg128.append(tg)
+        return pp, tg
+
+    def finish(self) -> BenchResult:
+        res = self.result
+        res.compile_s, res.note, res.peak_rss_mb = self.engine.compile_s, self.engine.note, peak_rss_mb()
+        return res
 
 
-def llama_bench_summary(engine: Engine, pp_prompt: list[int], tg_prompt: list[int], repeat: int,
-                        max_context: int) -> tuple[list[float], list[float]]:
-    """llama-bench's pp512 (prefill a 512-token prompt) and tg128 (128 decoded tokens), at least 3 repeats."""
-    pp, tg = [], []
-    for _ in range(max(repeat, 3)):
-        r = engine.run(pp_prompt, 1)
-        pp.append(len(pp_prompt) / (r.prefill_ms / 1e3))
-        r = engine.run(tg_prompt, min(129, max_context - 24))
-        tg.append(r.tokens_per_s)
-    return pp, tg
-
-
-def run_engine(engine: Engine, job: dict, log: Callable[[str], None]) -> BenchResult:
-    """Every timing of one engine; `job` holds the prompts (token ids) and settings, the same for all engines."""
-    res = BenchResult(engine.name, job["task"], load_s=engine.load_s)
-    res.rows = run_rows(engine, job["prompts"], job["new_tokens"], job["repeat"], log)
-    res.pp512, res.tg128 = llama_bench_summary(engine, job["pp_prompt"], job["tg_prompt"], job["repeat"],
-                                               job["max_context"])
-    res.compile_s, res.note, res.peak_rss_mb = engine.compile_s, engine.note, peak_rss_mb()
-    return res
+def summary_rounds(job: dict) -> int:
+    return max(job["repeat"], 3)  # llama-bench style mean ± sd needs a few rounds
 
 
 def make_peer(peer: str, job: dict) -> Engine:
@@ -209,20 +213,41 @@ def make_peer(peer: str, job: dict) -> Engine:
     return TransformersEngine(Path(job["model_path"]), getattr(torch, job["dtype"]))
 
 
-def run_peer_child(job_path: str) -> int:
-    """One peer in this (child) process; prints a BenchResult as JSON, or {"skipped": reason}."""
+def _reply(obj: dict) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+def serve(job_path: str) -> int:
+    """A peer's Session in this (child) process, driven by the parent one JSON line at a time on stdin
+    ({"op": "warmup" | "row" (with "index") | "summary" | "finish"}); one JSON line answers each. The first
+    line out is {"ready": name} or {"skipped": reason}."""
     job = json.loads(Path(job_path).read_text())
     try:
         engine = make_peer(job["peer"], job)
     except ImportError as e:
-        print(json.dumps({"skipped": f"{e.name or e} not installed"}))
+        _reply({"skipped": f"{e.name or e} not installed"})
         return 0
-    quiet = lambda msg: None  # noqa: E731 - the parent reports progress per engine
-    print(json.dumps(asdict(run_engine(engine, job, quiet))))
+    session = Session(engine, job)
+    _reply({"ready": engine.name})
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "warmup":
+            session.warmup()
+            _reply({})
+        elif cmd["op"] == "row":
+            _reply(asdict(session.row(cmd["index"])))
+        elif cmd["op"] == "summary":
+            pp, tg = session.summary_round()
+            _reply({"pp": pp, "tg": tg})
+        elif cmd["op"] == "finish":
+            _reply(asdict(session.finish()))
+            return 0
+        else:
+            raise SystemExit(f"unknown request {cmd!r}")
     return 0
 
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         raise SystemExit("usage: python peers.py JOB.json (internal; use `edgellm bench --peer ...`)")
-    raise SystemExit(run_peer_child(sys.argv[1]))
+    raise SystemExit(serve(sys.argv[1]))
