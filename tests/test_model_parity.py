@@ -74,7 +74,7 @@ def test_rolling_cache_is_window_sized(tiny_checkpoints):
 
 
 @pytest.mark.parametrize("B,H,Hkv,T,start", [(1, 9, 3, 300, 0), (2, 4, 4, 130, 0), (3, 8, 2, 70, 37),
-                                             (1, 9, 3, 260, 129)])
+                                             (1, 9, 3, 260, 129), (1, 9, 3, 700, 0)])  # 700: wide, then narrow
 def test_blocked_attention_matches_masked_sdpa(B, H, Hkv, T, start):
     """The bf16 prefill / cached-prefix attention equals fp32 SDPA with an explicit causal mask (bf16 noise)."""
     import torch.nn.functional as F
@@ -90,3 +90,15 @@ def test_blocked_attention_matches_masked_sdpa(B, H, Hkv, T, start):
     got = blocked_causal_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), start).float()
     assert got.shape == ref.shape
     assert (got - ref).abs().max().item() < 0.03
+
+
+def test_blocked_attention_result_does_not_depend_on_the_block_size(monkeypatch):
+    """128-row blocks while the scores are small, 64 after: each query row's result is bit-identical."""
+    from edgellm import model
+
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 700, 9, 64, generator=g).transpose(1, 2).bfloat16()
+    k, v = torch.randn(2, 1, 3, 720, 64, generator=g).bfloat16()
+    mixed = model.blocked_causal_attention(q, k, v, 0)
+    monkeypatch.setattr(model, "ATTN_SCORE_BYTES", 0)               # 64-row blocks only
+    assert torch.equal(model.blocked_causal_attention(q, k, v, 0), mixed)

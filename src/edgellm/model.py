@@ -94,7 +94,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> 
     return x * cos + torch.cat((x[..., h:], x[..., :h]), dim=-1) * sin_signed
 
 
-ATTN_BLOCK = 64  # query rows per block of blocked_causal_attention (64 beat 32 and 128 at 512 and 2048 tokens)
+ATTN_BLOCK = 64             # query rows per block of blocked_causal_attention (64 beat 32 and 128 at 2048 tokens)
+ATTN_BLOCK_WIDE = 128       # ... or twice that while the block's scores stay this small:
+ATTN_SCORE_BYTES = 1_200_000  # (an L2-sized (heads, rows, keys) tile: 128 rows won at 512 tokens, 4-5 %)
 
 
 def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
@@ -102,10 +104,11 @@ def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     slot j holds position j. Half-precision prefill path.
 
     Why not SDPA: on CPUs without AMX, torch's flash-attention kernel runs bf16 at fp32 speed (~4 ms per
-    layer for 512 tokens of the default model). Here each block of 64 queries does two bf16 GEMMs over only the
-    keys it can see (the GQA group's heads stacked as rows of one GEMM) and a softmax that accumulates in fp32:
-    2-3x faster, and it serves the cached-prefix case (start > 0) without an explicit (T, L) mask. Scores and
-    probabilities are rounded to the input dtype, as in HF's eager bf16 attention.
+    layer for 512 tokens of the default model). Here each block of 64 or 128 queries does two bf16 GEMMs over
+    only the keys it can see (the GQA group's heads stacked as rows of one GEMM) and a softmax that accumulates
+    in fp32: 2-3x faster, and it serves the cached-prefix case (start > 0) without an explicit (T, L) mask.
+    Scores and probabilities are rounded to the input dtype, as in HF's eager bf16 attention. Every query
+    row's result is the same whatever the block size.
     """
     B, H, T, D = q.shape
     Hkv = k.shape[1]
@@ -113,10 +116,12 @@ def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     qs = (q * D ** -0.5).reshape(B * Hkv, G, T, D)                     # (B*Hkv, G, T, D)
     kk = k[:, :, :start + T].reshape(B * Hkv, start + T, D)           # (B*Hkv, L, D)
     vv = v[:, :, :start + T].reshape(B * Hkv, start + T, D)
-    tri = torch.full((ATTN_BLOCK, ATTN_BLOCK), float("-inf"), dtype=q.dtype).triu_(1)
+    tri = torch.full((ATTN_BLOCK_WIDE, ATTN_BLOCK_WIDE), float("-inf"), dtype=q.dtype).triu_(1)
     outs = []
-    for i in range(0, T, ATTN_BLOCK):
-        e = min(T, i + ATTN_BLOCK)
+    i = 0
+    while i < T:
+        wide = B * H * ATTN_BLOCK_WIDE * (start + min(T, i + ATTN_BLOCK_WIDE)) * q.element_size() <= ATTN_SCORE_BYTES
+        e = min(T, i + (ATTN_BLOCK_WIDE if wide else ATTN_BLOCK))
         t, L = e - i, start + e                                       # queries in this block, keys they see
         qi = qs[:, :, i:e].reshape(B * Hkv, G * t, D)
         s = torch.bmm(qi, kk[:, :L].transpose(1, 2)).view(B * Hkv, G, t, L)  # (B*Hkv, G, t, L)
@@ -125,6 +130,7 @@ def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         # (bit-identical here), but torch's CPU kernel for that is ~8x faster than the fp32-output one.
         p = torch.softmax(s, dim=-1).view(B * Hkv, G * t, L)
         outs.append(torch.bmm(p, vv[:, :L]).view(B * Hkv, G, t, D))
+        i = e
     y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)        # (B*Hkv, G, T, D)
     return y.view(B, H, T, D)
 
