@@ -91,3 +91,18 @@ def test_quantize_in_row_chunks_equals_one_pass(monkeypatch) -> None:
     parts = quantize(w, 4, 32)
     assert torch.equal(parts.q, whole.q) and torch.equal(parts.scales, whole.scales)
     assert torch.equal(parts.zeros, whole.zeros)
+
+
+def test_round_through_fp16_is_the_two_casts_a_chunk_at_a_time(monkeypatch):
+    from edgellm.quant import convert
+
+    monkeypatch.setattr(convert, "ROUND_CHUNK", 1000)  # several chunks and a partial last one
+    g = torch.Generator().manual_seed(0)
+    for src in (torch.float32, torch.bfloat16, torch.float16):
+        for dst in (torch.bfloat16, torch.float32):
+            t = (torch.randn(37, 91, generator=g) * 3e4).to(src)      # some overflow float16 (inf)
+            want = t.to(torch.float16).to(dst)
+            got = convert.round_through_fp16(t.clone(), dst)
+            assert got.dtype == dst and torch.equal(got, want)
+    t = torch.randn(8, 6, generator=g).t()                             # not contiguous
+    assert torch.equal(convert.round_through_fp16(t, torch.bfloat16), t.half().bfloat16())

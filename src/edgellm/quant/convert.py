@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from ..memory import TrimWhenGrown
 from ..model import Transformer
 from .linear import QLinearPerGrp
 from .pergroup import QuantizedWeight, quantize
@@ -85,8 +86,10 @@ def install_one(model: Transformer, name: str, qw: QuantizedWeight, dtype: torch
 def install(model: Transformer, weights: Iterable[tuple[str, QuantizedWeight]], dtype: torch.dtype,
             fake: bool = False, backend: str = "auto") -> None:
     """`install_one` for every (name, weight) pair, in order."""
+    trim = TrimWhenGrown()
     for name, qw in weights:
         install_one(model, name, qw, dtype, fake, backend)
+        trim()
 
 
 def finish_floats(model: Transformer, dtype: torch.dtype, skip: tuple[str, ...] = ()) -> None:
@@ -99,7 +102,22 @@ def finish_floats(model: Transformer, dtype: torch.dtype, skip: tuple[str, ...] 
         for p in module.parameters(recurse=False):
             if p.is_floating_point() and id(p) not in seen:
                 seen.add(id(p))
-                p.data = p.data.to(torch.float16).to(dtype)
+                p.data = round_through_fp16(p.data, dtype)
+
+
+ROUND_CHUNK = 1 << 20  # elements converted at a time by round_through_fp16
+
+
+def round_through_fp16(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t.to(float16).to(dtype), a chunk at a time (in place when t already has `dtype`): the default model's
+    tied embedding is 57 MB in bf16, and the one-shot form held two more copies of it at once."""
+    if not t.is_contiguous():
+        return t.to(torch.float16).to(dtype)
+    out = t if t.dtype == dtype else torch.empty_like(t, dtype=dtype)
+    src, dst = t.view(-1), out.view(-1)
+    for i in range(0, src.numel(), ROUND_CHUNK):
+        dst[i:i + ROUND_CHUNK].copy_(src[i:i + ROUND_CHUNK].to(torch.float16))
+    return out
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QLinearPerGrp]:
