@@ -9,7 +9,7 @@ Backends, picked when the weight is set:
 Every backend also has the bf16 dequantized path: for inputs of `DENSE_FROM_ROWS` rows or more (prefill,
 perplexity; 128 for int4, 32 for int8) the weight is dequantized to the input dtype a few thousand rows at a
 time and multiplied densely, which is faster than the low-bit kernels at that size. For int4 weights and bf16
-inputs that dequantization is one pass of our C kernel (`native`, ~4x faster than eager torch; dense from 48
+inputs that dequantization is one pass of our C kernel (`edgellm.native`, ~4x faster than eager torch; dense from 48
 rows then), when it could be built; otherwise eager torch. Both give the same values.
 
 Inputs whose width is not a multiple of the kernel group are zero-padded at run time (the padded weight
@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels, native
+from .. import native
+from . import kernels
 from .pergroup import QuantizedWeight
 
 _CODE_OFFSET = 128  # int8 backend stores q - 128 so any 8-bit unsigned code fits a signed int8

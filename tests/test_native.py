@@ -1,4 +1,4 @@
-"""The C int4 dequantizer (quant/native.py + dequant_int4.c): exact values, the prefill path, fallbacks."""
+"""The C kernels (native.py + csrc/): exact int4 dequantization, bf16 attention, building and fallbacks."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import subprocess
 import pytest
 import torch
 
-from edgellm.quant import QLinearPerGrp, native, quantize
+from edgellm import native
+from edgellm.quant import QLinearPerGrp, quantize
 from edgellm.quant import kernels as K
 
-from .conftest import rel_err
+from .quant.conftest import rel_err
 
 
 @pytest.fixture
@@ -20,7 +21,7 @@ def dequant_t():
     if native._compiler() is None:
         pytest.skip("no C compiler")
     f = native.int4_dequantizer()
-    assert f is not None, native.reason  # a compiler is here: the kernel must build and pass its self-check
+    assert f is not None, native.reasons["dequant_int4"]  # a compiler is here: it must build and pass its check
     return f
 
 
@@ -90,8 +91,10 @@ def fresh(monkeypatch, tmp_path):
     """An empty edgellm cache and no memoised build."""
     monkeypatch.setenv("EDGELLM_CACHE", str(tmp_path))
     native.int4_dequantizer.cache_clear()
+    native.attention_bf16.cache_clear()
     yield tmp_path
     native.int4_dequantizer.cache_clear()
+    native.attention_bf16.cache_clear()
 
 
 def test_builds_once_then_reuses_the_cached_library(dequant_t, fresh, monkeypatch) -> None:
@@ -110,23 +113,96 @@ def test_falls_back_with_a_reason(fresh, monkeypatch) -> None:
     if not (K.int4_available() and K.int4_layout_ok()):
         pytest.skip("no packed int4 layout in this torch")
     monkeypatch.setenv("EDGELLM_NATIVE", "0")
-    assert native.int4_dequantizer() is None and native.reason == "EDGELLM_NATIVE=0"
+    assert native.int4_dequantizer() is None and native.reasons["dequant_int4"] == "EDGELLM_NATIVE=0"
     monkeypatch.delenv("EDGELLM_NATIVE")
     native.int4_dequantizer.cache_clear()
     monkeypatch.setattr(native, "_compiler", lambda: None)
-    assert native.int4_dequantizer() is None and "no C compiler" in native.reason
+    assert native.int4_dequantizer() is None and "no C compiler" in native.reasons["dequant_int4"]
     native.int4_dequantizer.cache_clear()
     monkeypatch.setattr(native, "_compiler", lambda: "/bin/false")   # a "compiler" that always fails
-    assert native.int4_dequantizer() is None and "building the int4 dequantizer failed" in native.reason
+    assert native.int4_dequantizer() is None and "building dequant_int4 failed" in native.reasons["dequant_int4"]
     native.int4_dequantizer.cache_clear()
     monkeypatch.undo()
     monkeypatch.setenv("EDGELLM_CACHE", str(fresh))
     if native._compiler() is not None:
         monkeypatch.setattr(native, "_self_check", lambda f: False)  # a build that computes wrong values
-        assert native.int4_dequantizer() is None and "disagreed" in native.reason
+        assert native.int4_dequantizer() is None and "disagreed" in native.reasons["dequant_int4"]
     # without the kernel the layer still works (eager dequantization)
     native.int4_dequantizer.cache_clear()
     monkeypatch.setattr(native, "_compiler", lambda: None)
     qw, layer = _layer(100, 576, 4, 32)
     x = torch.randn(200, 576).to(torch.bfloat16)
     assert rel_err(layer(x), x.float() @ qw.dequantize().T) < 1e-2
+
+
+# ------------------------------------------------------------------------------------------------ attention
+@pytest.fixture
+def attend():
+    if native._compiler() is None:
+        pytest.skip("no C compiler")
+    f = native.attention_bf16()
+    if f is None and "AVX512-BF16" in native.reasons["attention_bf16"]:
+        pytest.skip(native.reasons["attention_bf16"])
+    assert f is not None, native.reasons["attention_bf16"]
+    return f
+
+
+@pytest.mark.parametrize("B,H,Hkv,T,start", [(1, 9, 3, 300, 0), (2, 4, 4, 130, 0), (3, 8, 2, 70, 37),
+                                             (1, 9, 3, 260, 129), (1, 9, 3, 1, 0), (1, 2, 1, 17, 500)])
+def test_attention_matches_masked_sdpa(attend, B, H, Hkv, T, start):
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(T + start)
+    L = start + T
+    q = torch.randn(B, T, H, 64, generator=g).transpose(1, 2)  # (B, H, T, D), non-contiguous like the model's
+    k, v = torch.randn(2, B, Hkv, L + 7, 64, generator=g)       # a cache longer than needed
+    mask = torch.arange(L)[None, :] <= torch.arange(start, L)[:, None]
+    ref = F.scaled_dot_product_attention(q, k[:, :, :L], v[:, :, :L], attn_mask=mask, enable_gqa=True)
+    got = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), start)
+    assert got.shape == (B, T, H, 64) and got.is_contiguous()
+    assert (got.float() - ref.transpose(1, 2)).abs().max().item() < 0.03
+
+
+def test_attention_reads_strided_keys_and_declines_what_it_cannot_do(attend):
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(1, 40, 4 + 2 * 2, 64, generator=g).bfloat16()   # the fused projection's layout
+    q, k, v = (qkv[:, :, a:b].transpose(1, 2) for a, b in ((0, 4), (4, 6), (6, 8)))
+    got = attend(q, k, v, 0)
+    want = attend(q.contiguous(), k.contiguous(), v.contiguous(), 0)
+    assert torch.equal(got, want)
+    assert attend(q.float(), k.float(), v.float(), 0) is None              # not bf16
+    assert attend(q[..., :32], k[..., :32], v[..., :32], 0) is None        # head_dim 32
+    assert attend(q, k[:, :, :30], v[:, :, :30], 0) is None                # cache shorter than the positions
+
+
+def test_model_prefill_uses_it_and_stays_close_to_the_torch_path(attend, monkeypatch):
+    from edgellm import model
+
+    calls = []
+    monkeypatch.setattr(native, "attention_bf16", lambda: lambda *a: calls.append(1) or attend(*a))
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 9, 200, 64, generator=g).bfloat16()
+    k, v = torch.randn(2, 1, 3, 256, 64, generator=g).bfloat16()
+    fast = model.causal_attention(q, k, v, 0)
+    assert calls
+    monkeypatch.setattr(native, "attention_bf16", lambda: None)
+    slow = model.causal_attention(q, k, v, 0)
+    assert fast.shape == slow.shape == (1, 200, 9, 64)
+    assert (fast.float() - slow.float()).abs().max().item() < 0.03
+
+
+def test_attention_falls_back_with_a_reason(fresh, monkeypatch):
+    monkeypatch.setenv("EDGELLM_NATIVE", "0")
+    assert native.attention_bf16() is None and native.reasons["attention_bf16"] == "EDGELLM_NATIVE=0"
+    monkeypatch.delenv("EDGELLM_NATIVE")
+    native.attention_bf16.cache_clear()
+    monkeypatch.setattr(native, "_compiler", lambda: "/bin/false")
+    assert native.attention_bf16() is None and "building attention_bf16 failed" in native.reasons["attention_bf16"]
+    native.attention_bf16.cache_clear()
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    from edgellm import model
+
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 4, 20, 64, generator=g).bfloat16()
+    k, v = torch.randn(2, 1, 2, 20, 64, generator=g).bfloat16()
+    assert model.causal_attention(q, k, v, 0).shape == (1, 20, 4, 64)   # the torch path

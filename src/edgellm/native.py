@@ -1,0 +1,228 @@
+"""Our two C kernels (`csrc/`), built on first use and called through ctypes, each with a torch fallback:
+
+- `dequant_int4.c`: torch's packed int4 layout -> transposed bf16 weight, for int4 prefill (quant/linear.py).
+- `attention_bf16.c`: causal attention for bf16 prefill with AVX512-BF16 dot products (model.py).
+
+Each is compiled with the system C compiler (`$CC`, else cc/gcc/clang; `-O3 -march=native -fopenmp`, ~0.3 s),
+cached in `~/.cache/edgellm/native/` under a hash of the source, compiler, flags and CPU, and checked against
+a torch reference before it is used. Without a compiler, or if any of that fails, the accessor returns None
+(the reason is in `reasons[name]`) and callers keep the torch path. `EDGELLM_NATIVE=0` turns both off.
+Their OpenMP threads are torch's: the libraries link `libgomp.so.1`, which torch has already loaded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+CSRC = Path(__file__).with_name("csrc")
+FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
+# why a kernel is off, by name ("" once it is on)
+reasons: dict[str, str] = {}
+
+Dequantizer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, int, int, int, int], torch.Tensor]
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_flags() -> str:
+    try:
+        return next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def _build(cc: str, name: str) -> Path:
+    """Compile (or reuse) csrc/<name>.c as a shared library; raises RuntimeError on failure."""
+    from .fast import cache_root
+
+    source = CSRC / f"{name}.c"
+    src = source.read_bytes()
+    cc_id = f"{cc}:{os.stat(cc).st_mtime_ns}"
+    errors = []
+    for flags in FLAG_SETS:
+        key = hashlib.sha256(src + f"|{cc_id}|{flags}|{_cpu_flags()}".encode()).hexdigest()[:24]
+        lib = cache_root() / "native" / f"{name}-{key}.so"
+        if lib.exists():
+            return lib
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+            tmp_lib = Path(tmp) / lib.name
+            r = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", str(tmp_lib), str(source), "-lm"],
+                               capture_output=True, text=True)
+            if r.returncode == 0:
+                os.replace(tmp_lib, lib)  # atomic: a concurrent process sees a whole file or none
+                return lib
+            last = r.stderr.strip().splitlines()[-1:] or [f"exit status {r.returncode}"]
+            errors.append(f"{cc} {' '.join(flags)}: {last[0]}")
+    raise RuntimeError("; ".join(errors))
+
+
+def _load(name: str) -> ctypes.CDLL | None:
+    """The built library, or None with `reasons[name]` set."""
+    if os.environ.get("EDGELLM_NATIVE", "1") == "0":
+        reasons[name] = "EDGELLM_NATIVE=0"
+        return None
+    cc = _compiler()
+    if cc is None:
+        reasons[name] = "no C compiler (cc, gcc, clang or $CC) on PATH"
+        return None
+    try:
+        return ctypes.CDLL(str(_build(cc, name)))
+    except (OSError, RuntimeError) as e:
+        reasons[name] = f"building {name} failed: {e}"
+        return None
+
+
+def _wrap(fn: ctypes._CFuncPtr) -> Dequantizer:
+    from .quant import kernels  # (not at import time: quant imports the model, which imports this module)
+
+    def dequant_t(packed: torch.Tensor, scales16: torch.Tensor, zeros: torch.Tensor, k: int, k_pad: int,
+                  n0: int, n1: int, group: int, shift: int) -> torch.Tensor:
+        """Rows n0:n1 (n0 % 64 == 0) of the weight in torch's packed int4 layout, as W^T (k, n1 - n0) bf16.
+        scales16: float16 scales as int16 (N, ng); zeros: uint8 (N, ng); group: columns per scale."""
+        n, ng = scales16.shape
+        if n0 % kernels.N_BLOCK or not 0 <= n0 < n1 <= n or packed.shape != (kernels.pad_to(n, kernels.N_BLOCK),
+                                                                             k_pad // 2):
+            raise ValueError(f"bad int4 dequant request: rows {n0}:{n1} of {n}, packed {tuple(packed.shape)}")
+        for t, dt in ((packed, torch.uint8), (scales16, torch.int16), (zeros, torch.uint8)):
+            if t.dtype != dt or not t.is_contiguous():
+                raise ValueError(f"int4 dequant needs contiguous {dt}, got {t.dtype}")
+        out = torch.empty(k, n1 - n0, dtype=torch.bfloat16)
+        fn(packed.data_ptr(), scales16.data_ptr(), zeros.data_ptr(), out.data_ptr(), k, k_pad, n0, n1, n, ng,
+           group, shift, torch.get_num_threads())
+        return out
+
+    return dequant_t
+
+
+def _self_check(dequant_t: Dequantizer) -> bool:
+    """Compare with torch's packer + the reference formula on odd shapes (partial last block, K padding,
+    a short last group, a row window, 3-bit shift)."""
+    from .quant import kernels
+
+    g = torch.Generator().manual_seed(3)
+    for n, k, group, k_pad, shift, n0, n1 in ((130, 96, 32, 96, 0, 0, 130), (200, 80, 32, 96, 4, 64, 200),
+                                              (64, 100, 64, 128, 0, 0, 64)):
+        q = torch.randint(0, 16 - shift, (n, k), dtype=torch.uint8, generator=g)
+        ng = -(-k // group)
+        scales = (torch.rand(n, ng, generator=g) * 0.1 + 1e-3).to(torch.float16)
+        zeros = torch.randint(0, 16 - shift, (n, ng), dtype=torch.uint8, generator=g)
+        codes = torch.nn.functional.pad(q + shift, (0, k_pad - k, 0, kernels.pad_to(n, kernels.N_BLOCK) - n))
+        packed = kernels.pack_int4(codes)
+        zf = zeros.float().repeat_interleave(group, 1)[:, :k]
+        sf = scales.float().repeat_interleave(group, 1)[:, :k]
+        ref = ((q.float() - zf) * sf).to(torch.bfloat16)[n0:n1].t()
+        got = dequant_t(packed, scales.view(torch.int16).contiguous(), zeros, k, k_pad, n0, n1, group, shift)
+        if not torch.equal(got, ref):
+            return False
+    return True
+
+
+@functools.cache
+def int4_dequantizer() -> Dequantizer | None:
+    """The C dequantizer, or None (the reason is in `reasons["dequant_int4"]`)."""
+    from .quant import kernels
+
+    name = "dequant_int4"
+    if not (kernels.int4_available() and kernels.int4_layout_ok()):
+        reasons[name] = "this torch has no usable packed int4 layout"
+        return None
+    lib = _load(name)
+    if lib is None:
+        return None
+    try:
+        fn = lib.edgellm_dequant_int4_t
+    except AttributeError as e:
+        reasons[name] = f"building {name} failed: {e}"
+        return None
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 8 + [ctypes.c_int]
+    dequant_t = _wrap(fn)
+    if not _self_check(dequant_t):
+        reasons[name] = "the compiled int4 dequantizer disagreed with the reference"
+        return None
+    reasons[name] = ""
+    return dequant_t
+
+
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], "torch.Tensor | None"]
+ATTENTION_HEAD_DIM = 64
+
+
+def _wrap_attention(fn: ctypes._CFuncPtr) -> Attention:
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor | None:
+        """Causal attention of q (B, H, T, 64) at positions start.. over k, v (B, Hkv, >= start+T, 64) whose
+        slot j holds position j, all bf16 with unit stride along the head dim (any other strides) ->
+        (B, T, H, 64) contiguous. None if the kernel declined (shape, or out of memory)."""
+        B, H, T, D = q.shape
+        Hkv = k.shape[1]
+        if (D != ATTENTION_HEAD_DIM or H % Hkv or k.shape[2] < start + T or v.shape[:3] != k.shape[:3]
+                or any(t.dtype != torch.bfloat16 or t.stride(-1) != 1 for t in (q, k, v))):
+            return None
+        out = torch.empty(B, T, H, D, dtype=torch.bfloat16)
+        rc = fn(q.data_ptr(), *q.stride()[:3], k.data_ptr(), *k.stride()[:3], v.data_ptr(), *v.stride()[:3],
+                out.data_ptr(), B, H, Hkv, T, start, D, D ** -0.5, torch.get_num_threads())
+        return out if rc == 0 else None
+
+    return attend
+
+
+def _attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    L = start + q.shape[2]
+    mask = torch.arange(L)[None, :] <= torch.arange(start, L)[:, None]
+    y = torch.nn.functional.scaled_dot_product_attention(q.float(), k[:, :, :L].float(), v[:, :, :L].float(),
+                                                         attn_mask=mask, enable_gqa=True)
+    return y.transpose(1, 2)
+
+
+def _attention_self_check(attend: Attention) -> bool:
+    """Against fp32 SDPA: strided q, a longer cache, a cached prefix, GQA and plain heads, odd lengths."""
+    g = torch.Generator().manual_seed(4)
+    for B, H, Hkv, T, start in ((1, 6, 2, 37, 0), (2, 4, 4, 21, 11)):
+        q = torch.randn(B, T, H, 64, generator=g).to(torch.bfloat16).transpose(1, 2)
+        k, v = torch.randn(2, B, Hkv, start + T + 3, 64, generator=g).to(torch.bfloat16)
+        got = attend(q, k, v, start)
+        if got is None or (got.float() - _attention_reference(q, k, v, start)).abs().max().item() > 0.03:
+            return False
+    return True
+
+
+@functools.cache
+def attention_bf16() -> Attention | None:
+    """The C attention kernel, or None (the reason is in `reasons["attention_bf16"]`)."""
+    name = "attention_bf16"
+    lib = _load(name)
+    if lib is None:
+        return None
+    try:
+        available, fn = lib.edgellm_attention_available, lib.edgellm_attention_bf16
+    except AttributeError as e:
+        reasons[name] = f"building {name} failed: {e}"
+        return None
+    if available() != 1:
+        reasons[name] = "this CPU or compiler has no AVX512-BF16"
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 3) * 3 + [ctypes.c_void_p] + [ctypes.c_int64] * 6 + \
+        [ctypes.c_float, ctypes.c_int]
+    attend = _wrap_attention(fn)
+    if not _attention_self_check(attend):
+        reasons[name] = "the compiled attention kernel disagreed with the reference"
+        return None
+    reasons[name] = ""
+    return attend
