@@ -1,6 +1,6 @@
 /* Dequantize torch's packed int4 CPU layout to a transposed bf16 weight, for the int4 prefill path.
  *
- * Built once per machine by edgellm/quant/native.py (cc -O3 -march=native -fopenmp) and called via ctypes.
+ * Built once per machine by edgellm/native.py (cc -O3 -march=native -fopenmp) and called via ctypes.
  * Why C: eager PyTorch needs ~6 passes over fp32 temporaries (unpack, transpose, convert, subtract, multiply,
  * round) and spends ~45 ms per 512-token prefill of the default model on it; this is one pass (~10 ms).
  *
