@@ -206,3 +206,10 @@ def test_attention_falls_back_with_a_reason(fresh, monkeypatch):
     q = torch.randn(1, 4, 20, 64, generator=g).bfloat16()
     k, v = torch.randn(2, 1, 2, 20, 64, generator=g).bfloat16()
     assert model.causal_attention(q, k, v, 0).shape == (1, 20, 4, 64)   # the torch path
+
+
+def test_status_line_names_each_kernel_tried(monkeypatch):
+    monkeypatch.setattr(native, "reasons", {})
+    assert native.status() == ""
+    monkeypatch.setattr(native, "reasons", {"dequant_int4": "", "attention_bf16": "EDGELLM_NATIVE=0"})
+    assert native.status() == "C kernels: attention_bf16 off (EDGELLM_NATIVE=0), dequant_int4 on"

@@ -347,7 +347,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     finally:
         for s in sessions[1:]:
             s.close()
-    results[0].note = "; ".join(n for n in (results[0].note, quant_note) if n)
+    from . import native
+
+    results[0].note = "; ".join(n for n in (results[0].note, quant_note, native.status()) if n)
     breakdown = profile_breakdown(llm, prompts[0], args.new_tokens) if args.task == "profile" else None
     print_results(args, results, threads, breakdown)
     if args.plot:

@@ -32,6 +32,14 @@ reasons: dict[str, str] = {}
 Dequantizer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, int, int, int, int], torch.Tensor]
 
 
+def status() -> str:
+    """One line on the kernels this process tried: "C kernels: attention_bf16 on, dequant_int4 off (...)"."""
+    if not reasons:
+        return ""
+    parts = [f"{name} {'on' if not why else f'off ({why})'}" for name, why in sorted(reasons.items())]
+    return "C kernels: " + ", ".join(parts)
+
+
 def _compiler() -> str | None:
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if name and shutil.which(name):
