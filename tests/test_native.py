@@ -205,7 +205,8 @@ def test_attention_falls_back_with_a_reason(fresh, monkeypatch):
     g = torch.Generator().manual_seed(2)
     q = torch.randn(1, 4, 20, 64, generator=g).bfloat16()
     k, v = torch.randn(2, 1, 2, 20, 64, generator=g).bfloat16()
-    assert model.causal_attention(q, k, v, 0).shape == (1, 20, 4, 64)   # the torch path
+    assert model.causal_attention(q, k, v, 0).shape == (1, 20, 4, 64)
+    assert "no C compiler" in native.reasons["attention_bf16"]           # so that was the torch path
 
 
 def test_status_line_names_each_kernel_tried(monkeypatch):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from . import native
 from .peers import BenchResult, Engine, Row, Session, median, summary_rounds
 from .report import markdown_table
 
@@ -347,8 +348,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     finally:
         for s in sessions[1:]:
             s.close()
-    from . import native
-
     results[0].note = "; ".join(n for n in (results[0].note, quant_note, native.status()) if n)
     breakdown = profile_breakdown(llm, prompts[0], args.new_tokens) if args.task == "profile" else None
     print_results(args, results, threads, breakdown)

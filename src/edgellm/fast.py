@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from .model import Transformer
+from .native import cpu_flags
 
 CACHE_BUCKET = 256  # KV-cache lengths are rounded up to a multiple of this, so few shapes get compiled
 # (the compiled step attends over the whole bucket: 256 vs 512 is ~6% faster decode on the default model)
@@ -100,13 +101,8 @@ def prune_steps(max_age_days: float = STEP_MAX_AGE_DAYS) -> None:
 
 def _machine_id() -> str:
     """What inductor's SIMD probe result depends on: the CPU, the compiler, torch."""
-    cpu = ""
-    try:
-        cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
-        pass
     cxx = shutil.which(os.environ.get("CXX") or "g++") or shutil.which("c++") or ""
-    return hashlib.sha256(f"{torch.__version__}|{cxx}|{cpu}".encode()).hexdigest()
+    return hashlib.sha256(f"{torch.__version__}|{cxx}|{cpu_flags()}".encode()).hexdigest()
 
 
 def _isa_marker() -> Path:

@@ -47,7 +47,8 @@ def _compiler() -> str | None:
     return None
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
+    """The `flags` line of /proc/cpuinfo ("" elsewhere): what -march=native and SIMD probes depend on."""
     try:
         return next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
     except OSError:
@@ -63,7 +64,7 @@ def _build(cc: str, name: str) -> Path:
     cc_id = f"{cc}:{os.stat(cc).st_mtime_ns}"
     errors = []
     for flags in FLAG_SETS:
-        key = hashlib.sha256(src + f"|{cc_id}|{flags}|{_cpu_flags()}".encode()).hexdigest()[:24]
+        key = hashlib.sha256(src + f"|{cc_id}|{flags}|{cpu_flags()}".encode()).hexdigest()[:24]
         lib = cache_root() / "native" / f"{name}-{key}.so"
         if lib.exists():
             return lib
@@ -94,6 +95,27 @@ def _load(name: str) -> ctypes.CDLL | None:
     except (OSError, RuntimeError) as e:
         reasons[name] = f"building {name} failed: {e}"
         return None
+
+
+def _functions(name: str, *symbols: str) -> list | None:
+    """These functions of the built library, or None with `reasons[name]` set."""
+    lib = _load(name)
+    if lib is None:
+        return None
+    try:
+        return [getattr(lib, symbol) for symbol in symbols]
+    except AttributeError as e:
+        reasons[name] = f"building {name} failed: {e}"
+        return None
+
+
+def _verified(name: str, kernel: Callable, check: Callable[[Callable], bool]) -> Callable | None:
+    """`kernel` if it passes its check against torch, else None with `reasons[name]` set."""
+    if not check(kernel):
+        reasons[name] = f"the compiled {name} kernel disagreed with the reference"
+        return None
+    reasons[name] = ""
+    return kernel
 
 
 def _wrap(fn: ctypes._CFuncPtr) -> Dequantizer:
@@ -150,22 +172,13 @@ def int4_dequantizer() -> Dequantizer | None:
     if not (kernels.int4_available() and kernels.int4_layout_ok()):
         reasons[name] = "this torch has no usable packed int4 layout"
         return None
-    lib = _load(name)
-    if lib is None:
+    fns = _functions(name, "edgellm_dequant_int4_t")
+    if fns is None:
         return None
-    try:
-        fn = lib.edgellm_dequant_int4_t
-    except AttributeError as e:
-        reasons[name] = f"building {name} failed: {e}"
-        return None
+    fn = fns[0]
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 8 + [ctypes.c_int]
-    dequant_t = _wrap(fn)
-    if not _self_check(dequant_t):
-        reasons[name] = "the compiled int4 dequantizer disagreed with the reference"
-        return None
-    reasons[name] = ""
-    return dequant_t
+    return _verified(name, _wrap(fn), _self_check)
 
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], "torch.Tensor | None"]
@@ -214,23 +227,14 @@ def _attention_self_check(attend: Attention) -> bool:
 def attention_bf16() -> Attention | None:
     """The C attention kernel, or None (the reason is in `reasons["attention_bf16"]`)."""
     name = "attention_bf16"
-    lib = _load(name)
-    if lib is None:
+    fns = _functions(name, "edgellm_attention_available", "edgellm_attention_bf16")
+    if fns is None:
         return None
-    try:
-        available, fn = lib.edgellm_attention_available, lib.edgellm_attention_bf16
-    except AttributeError as e:
-        reasons[name] = f"building {name} failed: {e}"
-        return None
+    available, fn = fns
     if available() != 1:
         reasons[name] = "this CPU or compiler has no AVX512-BF16"
         return None
     fn.restype = ctypes.c_int
     fn.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 3) * 3 + [ctypes.c_void_p] + [ctypes.c_int64] * 6 + \
         [ctypes.c_float, ctypes.c_int]
-    attend = _wrap_attention(fn)
-    if not _attention_self_check(attend):
-        reasons[name] = "the compiled attention kernel disagreed with the reference"
-        return None
-    reasons[name] = ""
-    return attend
+    return _verified(name, _wrap_attention(fn), _attention_self_check)

@@ -161,10 +161,16 @@ class GGUFCheckpoint:
             raise CorruptCheckpointError(f"{self.path}: tensor {name!r} is missing")
         return self.raw[name]
 
-    def _dequant(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    def _dequant(self, name: str, out: torch.Tensor | None = None, rows: tuple[int, int] | None = None
+                 ) -> torch.Tensor:
+        """Tensor `name` (or its rows r0:r1) as fp32."""
         info = self._info(name)
+        raw, shape = self.file.data(name), info.shape
+        if rows is not None:
+            row_bytes = raw.nbytes // shape[0]
+            raw, shape = raw[rows[0] * row_bytes:rows[1] * row_bytes], (rows[1] - rows[0], *shape[1:])
         try:
-            return dequantize(self.file.data(name), info.ggml_type, info.shape, out)
+            return dequantize(raw, info.ggml_type, shape, out)
         except UnsupportedModelError as e:
             raise UnsupportedModelError(f"{self.path}: tensor {name!r}: {e}") from e
 
@@ -178,15 +184,9 @@ class GGUFCheckpoint:
             # Big tensors (the 49k-row embedding) go through an fp32 scratch a few thousand rows at a time,
             # so loading never holds a whole fp32 copy next to the final one.
             out = torch.empty(info.shape, dtype=dtype)
-            raw = self.file.data(name)
-            row_bytes = raw.nbytes // rows
             for r in range(0, rows, DEQUANT_ROWS):
-                n = min(DEQUANT_ROWS, rows - r)
-                try:
-                    part = dequantize(raw[r * row_bytes:(r + n) * row_bytes], info.ggml_type, (n, info.shape[1]))
-                except UnsupportedModelError as e:
-                    raise UnsupportedModelError(f"{self.path}: tensor {name!r}: {e}") from e
-                out[r:r + n].copy_(part)
+                r1 = min(rows, r + DEQUANT_ROWS)
+                out[r:r1].copy_(self._dequant(name, rows=(r, r1)))
             return out
 
     def _fused(self, parts: list[tuple[str, int | None]], dtype: torch.dtype) -> torch.Tensor:

@@ -250,9 +250,9 @@ class QLinearPerGrp(nn.Module):
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
     def _native_dequantizer(self, x2: torch.Tensor) -> native.Dequantizer | None:
-        if self.backend != "int4" or x2.dtype != torch.bfloat16 or hasattr(self, "nibbles"):
+        if self.backend != "int4" or x2.dtype != torch.bfloat16:
             return None
-        return native.int4_dequantizer()
+        return native.int4_dequantizer()  # (None where the packed layout is unknown: the layer keeps nibbles)
 
     def extra_repr(self) -> str:
         # The seeds' model dump: QLinearPerGrp(in_features:576, out_features:576, bias:None, w_bit:4 group_size:128)
