@@ -31,7 +31,7 @@ class LLM:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        return self.model.dtype
 
     @property
     def last_stats(self) -> GenerationStats:
@@ -104,10 +104,10 @@ class LLM:
         return self.model(ids[None])[0].float()
 
 
-def load(model: str | Path | None = None, dtype: str | torch.dtype = "bf16", rope_type: str | None = None,
-         compile: bool = False) -> LLM:
+def load(model: str | Path | None = None, dtype: str | torch.dtype = "auto", rope_type: str | None = None,
+         compile: bool = False, keep_quantized: bool | None = None) -> LLM:
     """Load a model: None (bundled SmolLM2-135M-Instruct), a .gguf file, an HF folder or a hub id.
 
     compile=True runs decoding through a torch.compile'd step (the CLI's default; first use compiles,
     later processes reuse the on-disk cache, and it falls back to eager when no C++ compiler exists)."""
-    return LLM(load_model(model, dtype=dtype, rope_type=rope_type), compile=compile)
+    return LLM(load_model(model, dtype=dtype, rope_type=rope_type, keep_quantized=keep_quantized), compile=compile)

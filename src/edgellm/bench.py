@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import native
+from .kernels import native
 from .peers import BenchResult, Engine, Row, Session, median, summary_rounds
 from .report import markdown_table
 
@@ -315,7 +315,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     torch.set_num_threads(threads)
     log = (lambda s: print(s, file=sys.stderr)) if not args.json else (lambda s: None)
     t0 = time.perf_counter()
-    loaded = load_model(args.model, dtype=args.dtype, rope_type=args.rope_type)
+    loaded = load_model(args.model, dtype=args.dtype, rope_type=args.rope_type,
+                        keep_quantized=False if args.quant else None)
     load_s = time.perf_counter() - t0  # reading the checkpoint into its final dtype/packing, nothing else
     llm = LLM(loaded, compile=args.compile)
     quant_note = ""

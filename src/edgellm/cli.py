@@ -29,7 +29,9 @@ FEATURE_MODULES: list[str] = ["edgellm.eval.cli", "edgellm.quant.cli", "edgellm.
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None,
                    help="GGUF file, HF folder or hub id (default: bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="compute dtype")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"],
+                   help="compute dtype; auto (default): bf16 on CPUs with native bf16, else fp32, and a GGUF's "
+                        "Q4_0/Q4_1/Q8_0 weights stay quantized (an explicit dtype dequantizes them)")
     p.add_argument("--rope-type", "--rope_type", dest="rope_type", default=None,
                    choices=["simple", "llama3.1", "llama3.2"], help="override the checkpoint's RoPE scaling")
 

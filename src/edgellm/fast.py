@@ -31,15 +31,12 @@ from pathlib import Path
 
 import torch
 
+from .kernels.cpu import cpu_flags
+from .kernels.native import cache_root
 from .model import Transformer
-from .native import cpu_flags
 
 CACHE_BUCKET = 256  # KV-cache lengths are rounded up to a multiple of this, so few shapes get compiled
 # (the compiled step attends over the whole bucket: 256 vs 512 is ~6% faster decode on the default model)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("EDGELLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "edgellm"))
 
 
 def cache_dir() -> Path:
@@ -63,7 +60,8 @@ def compiler_available() -> str | None:
 @functools.cache
 def _source_hash() -> str:
     """The source of the modules the decode step runs, read once (as this process runs them)."""
-    from .quant import kernels, linear
+    from .kernels import torch_lowbit as kernels
+    from .quant import linear
 
     h = hashlib.sha256()
     for mod in (sys.modules[Transformer.__module__], linear, kernels, sys.modules[__name__]):

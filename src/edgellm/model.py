@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
 from .config import ModelConfig, rope_inv_freq
+from .kernels import native
 
 
 class RMSNorm(nn.Module):
@@ -269,8 +269,13 @@ class Transformer(nn.Module):
         self.rope_sin: torch.Tensor | None = None
         self.cache_len = 0
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation dtype (quantized layers keep their own weight formats)."""
+        return self.norm.weight.dtype
+
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings and isinstance(self.embed_tokens, nn.Embedding):
             self.lm_head.weight = self.embed_tokens.weight
 
     def init_rope(self, max_len: int | None = None) -> None:
@@ -286,7 +291,7 @@ class Transformer(nn.Module):
     def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
         """Preallocate one KV cache per layer for `batch` sequences of up to `max_len` tokens."""
         cfg = self.config
-        dtype = dtype or self.embed_tokens.weight.dtype
+        dtype = dtype or self.dtype
         rolling = cfg.sliding_window is not None and cfg.sliding_window < max_len
         size = cfg.sliding_window if rolling else max_len
         for layer in self.layers:

@@ -11,28 +11,12 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidArgumentError
 from ..report import markdown_table
 from .cache import ResultStore, default_cache_dir
 from .engine import DEFAULT_BATCH_TOKENS
-
-
-def cpu_has_bf16() -> bool:
-    """True when the CPU computes bf16 natively (x86 AVX512-BF16/AMX, Arm BF16)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        import platform
-
-        return platform.machine() == "arm64"  # Apple M2 and later; M1 emulates (still correct)
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16", " bf16"))
-
-
-def default_dtype() -> str:
-    return "bf16" if cpu_has_bf16() else "fp32"
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -70,8 +54,9 @@ def _load(model: str | None, args: argparse.Namespace) -> Any:
         import torch
 
         torch.set_num_threads(args.threads)
-    dtype = default_dtype() if args.dtype == "auto" else args.dtype
-    return load(model, dtype=dtype, rope_type=args.rope_type)
+    # "auto" keeps a GGUF's quantized blocks, except when --quant re-quantizes from float weights
+    keep = None if not getattr(args, "quant", None) else False
+    return load(model, dtype=args.dtype, rope_type=args.rope_type, keep_quantized=keep)
 
 
 def _name(model: str | None) -> str:

@@ -15,6 +15,8 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import CorruptCheckpointError, InvalidArgumentError, ModelNotFoundError
+from ..kernels import cpu
+from ..kernels.blocklinear import BlockQEmbedding, BlockQLinear, BlockWeight
 from ..memory import release_free_memory
 from ..model import Transformer
 from ..tokenizer import Tokenizer
@@ -38,10 +40,13 @@ class LoadedModel:
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """"auto" is bf16 where the CPU computes bf16 natively, else fp32 (never torch's slow bf16 fallback)."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return DTYPES[cpu.auto_dtype()]
     if dtype not in DTYPES:
-        raise InvalidArgumentError(f"unknown dtype {dtype!r}; choose from fp32, bf16, fp16")
+        raise InvalidArgumentError(f"unknown dtype {dtype!r}; choose from auto, fp32, bf16, fp16")
     return DTYPES[dtype]
 
 
@@ -87,11 +92,15 @@ def meta_transformer(config: ModelConfig) -> Transformer:
         return Transformer(config)
 
 
-def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype) -> Transformer:
-    """Construct on the meta device, then assign the streamed tensors (no random init, no second copy)."""
+def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor | BlockWeight]],
+                dtype: torch.dtype) -> Transformer:
+    """Construct on the meta device, then assign the streamed tensors (no random init, no second copy).
+    BlockWeight entries (GGUF blocks kept quantized) replace their nn.Linear / nn.Embedding by the block layers;
+    a tied lm_head then shares the embedding's blocks."""
     model = meta_transformer(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
+    blocks: dict[str, BlockWeight] = {}
     for name, tensor in tensors:
         if name not in expected:
             raise CorruptCheckpointError(f"unexpected tensor {name!r}")
@@ -99,12 +108,26 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]]
             raise CorruptCheckpointError(
                 f"tensor {name!r} has shape {tuple(tensor.shape)}, config implies {tuple(expected[name])}"
             )
-        state[name] = tensor.to(dtype).contiguous()
+        if isinstance(tensor, BlockWeight):
+            blocks[name] = tensor
+        else:
+            state[name] = tensor.to(dtype).contiguous()
     optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    missing = sorted(set(expected) - set(state) - optional)
+    missing = sorted(set(expected) - set(state) - set(blocks) - optional)
     if missing:
         raise CorruptCheckpointError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    for name, bw in blocks.items():
+        path = name.removesuffix(".weight")
+        if path == "embed_tokens":
+            model.embed_tokens = BlockQEmbedding(bw, dtype)
+            if config.tie_word_embeddings and "lm_head.weight" not in state and "lm_head.weight" not in blocks:
+                model.lm_head = BlockQLinear(bw)
+        else:
+            bias = state.pop(path + ".bias", None)
+            model.set_submodule(path, BlockQLinear(bw, bias))
     model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings and "embed_tokens.weight" in state and "lm_head.weight" in blocks:
+        raise CorruptCheckpointError("tied embedding is float but the lm_head is block-quantized")
     model.tie_weights()
     model.init_rope()
     return model.eval().requires_grad_(False)
@@ -117,9 +140,14 @@ def _is_gguf_file(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def load_model(model: str | Path | None = None, dtype: str | torch.dtype = "bf16",
-               rope_type: str | None = None) -> LoadedModel:
+def load_model(model: str | Path | None = None, dtype: str | torch.dtype = "auto",
+               rope_type: str | None = None, keep_quantized: bool | None = None) -> LoadedModel:
+    """dtype: the activation dtype ("auto": per CPU, see parse_dtype). keep_quantized: GGUF Q4_0/Q4_1/Q8_0
+    weights stay in their blocks and run on the int8-activation kernels; default: only with dtype "auto" (an
+    explicit bf16/fp32/fp16 dequantizes every weight to that dtype, as does quantizing again with --quant)."""
     torch_dtype = parse_dtype(dtype)
+    if keep_quantized is None:
+        keep_quantized = dtype == "auto"
     path = resolve(model)
     if path.is_file() and path.suffix == ".safetensors" and (path.parent / "config.json").is_file():
         path = path.parent  # a weights file of an HF folder: load the folder
@@ -156,7 +184,9 @@ def load_model(model: str | Path | None = None, dtype: str | torch.dtype = "bf16
             config.eos_token_ids.append(e)
     tokenizer.eos_ids = list(config.eos_token_ids)
     if isinstance(ckpt, GGUFCheckpoint | HFCheckpoint):
-        net = build_model(config, ckpt.tensors(torch_dtype), torch_dtype)
+        tensors = ckpt.tensors(torch_dtype, keep_quantized) if isinstance(ckpt, GGUFCheckpoint) else \
+            ckpt.tensors(torch_dtype)
+        net = build_model(config, tensors, torch_dtype)
     else:
         net = ckpt.build(torch_dtype)
     del ckpt  # closes the checkpoint's file mappings before the heap is trimmed

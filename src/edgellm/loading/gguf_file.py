@@ -1,4 +1,6 @@
-"""Load a llama.cpp GGUF file: config and tokenizer from metadata, weights dequantized tensor by tensor."""
+"""Load a llama.cpp GGUF file: config and tokenizer from metadata; weights either kept in their Q4_0/Q4_1/Q8_0
+blocks (repacked for our int8-activation kernel, `keep_quantized=True`: what `--dtype auto` does) or dequantized
+tensor by tensor."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import CorruptCheckpointError, UnsupportedModelError
+from ..kernels import blockq
+from ..kernels.blocklinear import BlockWeight
 from .gguf_meta import GGUFFile, TensorInfo, ggml_type_name, open_gguf
 
 # Weight types we read. F32/F16/BF16/Q8_0/Q4_0/Q4_1 are dequantized by our torch code below (bit-exact
@@ -80,6 +84,27 @@ def _f16_fields(data: torch.Tensor, block_bytes: int, n_fields: int) -> torch.Te
 def _unpack_nibbles(qs: torch.Tensor, out: torch.Tensor) -> None:
     """GGML's 4-bit layout: the low nibbles of a block's 16 bytes are values 0..15, the high ones 16..31."""
     out.view(-1, 2, 16).copy_(torch.stack((qs, qs >> 4), dim=1) & 0x0F)
+
+
+# GGML block types that map exactly onto kernels/blockq.py's layouts, by bits: Q4_1 w = d * q + m; Q4_0
+# w = d * (q - 8), i.e. m = -8d (exact in fp16); Q8_0 w = d * q. d and m stay fp16, as in the file.
+BLOCK_BITS = {_Q.Q4_0: 4, _Q.Q4_1: 4, _Q.Q8_0: 8}
+
+
+def block_fields(raw: np.ndarray, ggml_type: int, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A Q4_0/Q4_1/Q8_0 tensor's bytes -> per-row block fields: (codes, d, m). Q4: codes = the 16 nibble bytes
+    (rows, nb, 16); Q8: int8 codes (rows, nb, 32), m None. d and m as fp16 (rows, nb)."""
+    data = _as_torch(raw).view(rows, -1)
+    size = {_Q.Q4_0: 18, _Q.Q4_1: 20, _Q.Q8_0: 34}[ggml_type]
+    if data.shape[1] % size:
+        raise ValueError(f"{data.shape[1]} bytes per row is not a whole number of {size}-byte blocks")
+    b = data.view(rows, -1, size)
+    d = b[..., :2].contiguous().view(torch.float16)[..., 0]
+    if ggml_type == _Q.Q8_0:
+        return b[..., 2:].contiguous().view(torch.int8), d, None
+    if ggml_type == _Q.Q4_0:
+        return b[..., 2:].contiguous(), d, d * -8
+    return b[..., 4:].contiguous(), d, b[..., 2:4].contiguous().view(torch.float16)[..., 0]
 
 
 DEQUANT_ROWS = 4096  # rows of a big tensor dequantized at a time while loading in bf16/fp16
@@ -174,6 +199,16 @@ class GGUFCheckpoint:
         except UnsupportedModelError as e:
             raise UnsupportedModelError(f"{self.path}: tensor {name!r}: {e}") from e
 
+    def _weight(self, parts: list[tuple[str, int | None]], dtype: torch.dtype, keep_quantized: bool
+                ) -> torch.Tensor | BlockWeight:
+        if keep_quantized and len(self._info(parts[0][0]).shape) == 2:
+            bw = self._block_weight(parts)
+            if bw is not None:
+                return bw
+        if len(parts) == 1 and parts[0][1] is None:
+            return self._get(parts[0][0], dtype)
+        return self._fused(parts, dtype)
+
     def _get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         info = self._info(name)
         rows = info.shape[0]
@@ -188,6 +223,31 @@ class GGUFCheckpoint:
                 r1 = min(rows, r + DEQUANT_ROWS)
                 out[r:r1].copy_(self._dequant(name, rows=(r, r1)))
             return out
+
+    def _block_weight(self, parts: list[tuple[str, int | None]]) -> BlockWeight | None:
+        """The rows of these tensors (concatenated, llama q/k un-permuted) kept in their blocks, or None if
+        any part is not Q4_0/Q4_1/Q8_0 or the parts mix 4 and 8 bits (then the caller dequantizes)."""
+        infos = [self._info(name) for name, _ in parts]
+        bits = {BLOCK_BITS.get(i.ggml_type) for i in infos}
+        if len(bits) != 1 or None in bits or any(len(i.shape) != 2 for i in infos) or \
+                len({i.shape[1] for i in infos}) != 1:
+            return None
+        fields = []
+        for info, (name, heads) in zip(infos, parts, strict=True):
+            try:
+                f = block_fields(self.file.data(name), info.ggml_type, info.shape[0])
+            except ValueError as e:
+                raise CorruptCheckpointError(f"{self.path}: tensor {name!r}: {e}") from e
+            if heads is not None:
+                f = tuple(None if t is None else unpermute_qk(t, heads) for t in f)
+            fields.append(f)
+        codes, d = torch.cat([f[0] for f in fields]), torch.cat([f[1] for f in fields])
+        n, k = codes.shape[0], infos[0].shape[1]
+        if bits == {8}:
+            qs, dm = blockq.pack_q8(codes, d)
+        else:
+            qs, dm = blockq.pack_q4(codes, d, torch.cat([f[2] for f in fields]))
+        return BlockWeight(bits.pop(), qs, dm, n, k)
 
     def _fused(self, parts: list[tuple[str, int | None]], dtype: torch.dtype) -> torch.Tensor:
         """Concatenate tensors along rows into one preallocated tensor (no torch.cat copy); a part with a
@@ -218,23 +278,31 @@ class GGUFCheckpoint:
                     t = unpermute_qk(t, heads)
                 dst.copy_(t)  # rounds to `dtype` once, from the exact fp32 values
 
-    def tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors(self, dtype: torch.dtype, keep_quantized: bool = False
+                ) -> Iterator[tuple[str, torch.Tensor | BlockWeight]]:
+        """Our state-dict entries in `dtype`; with keep_quantized, 2-D Q4_0/Q4_1/Q8_0 weights come as BlockWeight."""
         cfg = self.config
+
+        def get(name: str, heads: int | None = None) -> torch.Tensor | BlockWeight:
+            return self._weight([(name, heads)], dtype, keep_quantized)
+
+        def fused(parts: list[tuple[str, int | None]]) -> torch.Tensor | BlockWeight:
+            return self._weight(parts, dtype, keep_quantized)
+
         permute = cfg.arch == "llama"  # llama.cpp permutes q/k only for LLAMA-arch (incl. Mistral) files
         q_heads, k_heads = (cfg.num_heads, cfg.num_kv_heads) if permute else (None, None)
         for src, dst in _GLOBAL_NAMES.items():
             if src in self.raw:
-                yield dst, self._get(src, dtype)
+                yield dst, get(src)
         for i in range(cfg.num_layers):
             self.file.drop_pages()  # the previous layer's bytes are consumed
             p = f"blk.{i}."
             for src, dst in _LAYER_NAMES.items():
                 if p + src in self.raw:
-                    yield f"layers.{i}.{dst}", self._get(p + src, dtype)
+                    yield f"layers.{i}.{dst}", get(p + src)
             if p + "attn_q.weight" in self.raw:
-                yield f"layers.{i}.self_attn.qkv_proj.weight", self._fused(
-                    [(p + "attn_q.weight", q_heads), (p + "attn_k.weight", k_heads), (p + "attn_v.weight", None)],
-                    dtype)
+                yield f"layers.{i}.self_attn.qkv_proj.weight", fused(
+                    [(p + "attn_q.weight", q_heads), (p + "attn_k.weight", k_heads), (p + "attn_v.weight", None)])
                 if cfg.attention_bias:
                     yield f"layers.{i}.self_attn.qkv_proj.bias", self._fused(
                         [(p + "attn_q.bias", q_heads), (p + "attn_k.bias", k_heads), (p + "attn_v.bias", None)],
@@ -242,10 +310,10 @@ class GGUFCheckpoint:
             elif cfg.attention_bias and p + "attn_qkv.bias" in self.raw:
                 yield f"layers.{i}.self_attn.qkv_proj.bias", self._get(p + "attn_qkv.bias", dtype)
             if p + "ffn_gate.weight" in self.raw:
-                yield f"layers.{i}.mlp.gate_up_proj.weight", self._fused(
-                    [(p + "ffn_gate.weight", None), (p + "ffn_up.weight", None)], dtype)
+                yield f"layers.{i}.mlp.gate_up_proj.weight", fused(
+                    [(p + "ffn_gate.weight", None), (p + "ffn_up.weight", None)])
             else:  # phi3 stores [gate; up] fused in ffn_up
-                yield f"layers.{i}.mlp.gate_up_proj.weight", self._get(p + "ffn_up.weight", dtype)
+                yield f"layers.{i}.mlp.gate_up_proj.weight", get(p + "ffn_up.weight")
         self.file.drop_pages()
         known = set(_GLOBAL_NAMES) | {"rope_freqs.weight"}
         for name in self.raw:

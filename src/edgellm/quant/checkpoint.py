@@ -34,10 +34,10 @@ from safetensors.torch import save_file
 
 from ..config import ModelConfig
 from ..errors import CorruptCheckpointError, UnsupportedModelError
+from ..kernels import torch_lowbit as kernels
 from ..loading import meta_transformer
 from ..loading.hf_folder import read_json
 from ..model import Transformer
-from . import kernels
 from .convert import LAYER_LINEARS, get_module, lm_head_is_tied, set_module
 from .linear import QLinearPerGrp
 from .pergroup import QuantizedWeight, n_groups

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import native
-from . import kernels
+from ..kernels import native
+from ..kernels import torch_lowbit as kernels
 from .pergroup import QuantizedWeight
 
 _CODE_OFFSET = 128  # int8 backend stores q - 128 so any 8-bit unsigned code fits a signed int8

@@ -7,9 +7,9 @@ import subprocess
 import pytest
 import torch
 
-from edgellm import native
+from edgellm.kernels import native
+from edgellm.kernels import torch_lowbit as K
 from edgellm.quant import QLinearPerGrp, quantize
-from edgellm.quant import kernels as K
 
 from .quant.conftest import rel_err
 

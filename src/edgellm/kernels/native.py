@@ -24,8 +24,11 @@ from pathlib import Path
 
 import torch
 
+from . import cpu
+
 CSRC = Path(__file__).with_name("csrc")
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
+BASELINE_KERNELS = {"qmatmul"}
 # why a kernel is off, by name ("" once it is on)
 reasons: dict[str, str] = {}
 
@@ -47,24 +50,28 @@ def _compiler() -> str | None:
     return None
 
 
-def cpu_flags() -> str:
-    """The `flags` line of /proc/cpuinfo ("" elsewhere): what -march=native and SIMD probes depend on."""
-    try:
-        return next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-    except OSError:
-        return ""
+def cache_root() -> Path:
+    """edgellm's cache folder ($EDGELLM_CACHE, else ~/.cache/edgellm): C kernels, compiled decode steps."""
+    return Path(os.environ.get("EDGELLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "edgellm"))
+
+
+def _flag_sets(name: str) -> tuple[list[str], ...]:
+    """-march=native, except for kernels that pick their instruction set at run time (the x86-64-v3 baseline:
+    AVX2/FMA/F16C, VNNI variants by target attribute) and under EDGELLM_ISA, which must not let the compiler
+    emit AVX-512 the forced path is meant to avoid."""
+    if name in BASELINE_KERNELS or cpu.forced() is not None:
+        return (["-O3", "-march=x86-64-v3", "-fopenmp"], ["-O3", "-march=x86-64-v3"])
+    return FLAG_SETS
 
 
 def _build(cc: str, name: str) -> Path:
     """Compile (or reuse) csrc/<name>.c as a shared library; raises RuntimeError on failure."""
-    from .fast import cache_root
-
     source = CSRC / f"{name}.c"
     src = source.read_bytes()
     cc_id = f"{cc}:{os.stat(cc).st_mtime_ns}"
     errors = []
-    for flags in FLAG_SETS:
-        key = hashlib.sha256(src + f"|{cc_id}|{flags}|{cpu_flags()}".encode()).hexdigest()[:24]
+    for flags in _flag_sets(name):
+        key = hashlib.sha256(src + f"|{cc_id}|{flags}|{cpu.cpu_flags()}".encode()).hexdigest()[:24]
         lib = cache_root() / "native" / f"{name}-{key}.so"
         if lib.exists():
             return lib
@@ -79,6 +86,55 @@ def _build(cc: str, name: str) -> Path:
             last = r.stderr.strip().splitlines()[-1:] or [f"exit status {r.returncode}"]
             errors.append(f"{cc} {' '.join(flags)}: {last[0]}")
     raise RuntimeError("; ".join(errors))
+
+
+def _build_torch_op(cc: str, name: str) -> Path:
+    """csrc/<name>.c plus its torch-op wrapper csrc/<name>_op.cpp (torch's stable C ABI: light headers, ~2 s
+    to build) as one shared library: the C functions for ctypes, and a torch operator that compiled code calls
+    without going through Python. Raises RuntimeError when that cannot be built (no C++ compiler, no headers)."""
+    cxx = os.environ.get("CXX") or "c++"
+    cxx = shutil.which(cxx) or shutil.which("g++")
+    torch_dir = Path(torch.__file__).parent
+    if cxx is None or not (torch_dir / "include" / "torch" / "csrc" / "stable" / "library.h").is_file():
+        raise RuntimeError("no C++ compiler or no torch stable-ABI headers")
+    c_src, op_src = CSRC / f"{name}.c", CSRC / f"{name}_op.cpp"
+    flags = _flag_sets(name)[0]
+    key = hashlib.sha256(c_src.read_bytes() + op_src.read_bytes() + f"|{cc}|{cxx}|{flags}|{torch.__version__}|"
+                         f"{cpu.cpu_flags()}".encode()).hexdigest()[:24]
+    lib = cache_root() / "native" / f"{name}_op-{key}.so"
+    if lib.exists():
+        return lib
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+        obj, tmp_lib = Path(tmp) / f"{name}.o", Path(tmp) / lib.name
+        for cmd in ([cc, *flags, "-fPIC", "-c", str(c_src), "-o", str(obj)],
+                    [cxx, "-std=c++17", "-O2", "-fPIC", "-shared", f"-I{torch_dir / 'include'}", str(op_src),
+                     str(obj), "-o", str(tmp_lib), "-fopenmp", f"-L{torch_dir / 'lib'}", "-ltorch_cpu", "-lc10",
+                     f"-Wl,-rpath,{torch_dir / 'lib'}"]):
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                last = r.stderr.strip().splitlines()[-1:] or [f"exit status {r.returncode}"]
+                raise RuntimeError(f"{Path(cmd[0]).name}: {last[0]}")
+        os.replace(tmp_lib, lib)
+    return lib
+
+
+def load_torch_op(name: str) -> tuple[ctypes.CDLL, bool] | None:
+    """The library of csrc/<name>.c, with its torch operator registered when that could be built:
+    (library, True); else the plain C library (library, False); None with `reasons[name]` set."""
+    if os.environ.get("EDGELLM_NATIVE", "1") == "0":
+        reasons[name] = "EDGELLM_NATIVE=0"
+        return None
+    cc = _compiler()
+    if cc is not None:
+        try:
+            path = _build_torch_op(cc, name)
+            torch.ops.load_library(str(path))
+            return ctypes.CDLL(str(path)), True
+        except (OSError, RuntimeError) as e:
+            reasons[f"{name}_op"] = f"torch operator not built ({e}); calling through Python"
+    lib = _load(name)
+    return None if lib is None else (lib, False)
 
 
 def _load(name: str) -> ctypes.CDLL | None:
@@ -119,7 +175,7 @@ def _verified(name: str, kernel: Callable, check: Callable[[Callable], bool]) ->
 
 
 def _wrap(fn: ctypes._CFuncPtr) -> Dequantizer:
-    from .quant import kernels  # (not at import time: quant imports the model, which imports this module)
+    from . import torch_lowbit as kernels
 
     def dequant_t(packed: torch.Tensor, scales16: torch.Tensor, zeros: torch.Tensor, k: int, k_pad: int,
                   n0: int, n1: int, group: int, shift: int) -> torch.Tensor:
@@ -143,7 +199,7 @@ def _wrap(fn: ctypes._CFuncPtr) -> Dequantizer:
 def _self_check(dequant_t: Dequantizer) -> bool:
     """Compare with torch's packer + the reference formula on odd shapes (partial last block, K padding,
     a short last group, a row window, 3-bit shift)."""
-    from .quant import kernels
+    from . import torch_lowbit as kernels
 
     g = torch.Generator().manual_seed(3)
     for n, k, group, k_pad, shift, n0, n1 in ((130, 96, 32, 96, 0, 0, 130), (200, 80, 32, 96, 4, 64, 200),
@@ -166,7 +222,7 @@ def _self_check(dequant_t: Dequantizer) -> bool:
 @functools.cache
 def int4_dequantizer() -> Dequantizer | None:
     """The C dequantizer, or None (the reason is in `reasons["dequant_int4"]`)."""
-    from .quant import kernels
+    from . import torch_lowbit as kernels
 
     name = "dequant_int4"
     if not (kernels.int4_available() and kernels.int4_layout_ok()):
@@ -231,7 +287,7 @@ def attention_bf16() -> Attention | None:
     if fns is None:
         return None
     available, fn = fns
-    if available() != 1:
+    if available() != 1 or not cpu.has("avx512_bf16"):
         reasons[name] = "this CPU or compiler has no AVX512-BF16"
         return None
     fn.restype = ctypes.c_int

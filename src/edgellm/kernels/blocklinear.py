@@ -1,0 +1,102 @@
+"""Layers that keep block-quantized weights (GGUF Q4_0/Q4_1/Q8_0, or our own int4 codes) and compute with them.
+
+`BlockQLinear`: short inputs (decode: up to `DENSE_FROM_ROWS - 1` rows) go through `edgellm::qmatmul`, the C
+kernel with int8 activations (kernels/blockq.py); longer ones (prefill, perplexity) dequantize a few thousand
+rows at a time to the input's dtype and run torch's dense GEMM, so prefill sees the exact weight and never
+holds a float copy of the whole model. `BlockQEmbedding` looks rows up in the same blocks (a tied embedding
+and lm_head share one copy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import blockq, cpu
+
+
+@dataclass
+class BlockWeight:
+    """A weight in the kernels/blockq.py layout: 4-bit (qs, dm = d and m per block) or 8-bit (qs, dm = d)."""
+    bits: int
+    qs: torch.Tensor
+    dm: torch.Tensor
+    out_features: int
+    in_features: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return blockq.dequantize_rows(self.bits, self.qs, self.dm, self.in_features, 0, self.out_features, dtype)
+
+
+class BlockQLinear(nn.Module):
+    DENSE_FROM_ROWS = 32      # from this many input rows, dequantize + dense GEMM beats the int8 kernel
+    dense_chunk_elems = 1 << 22  # weight elements dequantized at once on that path
+
+    def __init__(self, weight: BlockWeight, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.bits, self.in_features, self.out_features = weight.bits, weight.in_features, weight.out_features
+        self.register_buffer("qs", weight.qs, persistent=False)
+        self.register_buffer("dm", weight.dm, persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        # The kernel variant, fixed at load (a plain int: the compiled step's fingerprint includes it);
+        # -1: no usable C kernel here, torch computes the same product from the dequantized weight.
+        isa = cpu.int8_dot_isa()
+        self.isa = isa if isa is not None and blockq.available() else -1
+
+    @property
+    def weight_blocks(self) -> BlockWeight:
+        return BlockWeight(self.bits, self.qs, self.dm, self.out_features, self.in_features)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.weight_blocks.dequantize(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if rows < self.DENSE_FROM_ROWS and self.isa >= 0 and x.dtype in (torch.float32, torch.bfloat16):
+            y = blockq.qmatmul(x.contiguous(), self.qs, self.dm, self.bits, self.out_features, self.isa)
+        else:
+            y = self._forward_dense(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _forward_dense(self, x: torch.Tensor) -> torch.Tensor:
+        n, k = self.out_features, self.in_features
+        step = max(blockq.R, self.dense_chunk_elems // k // blockq.R * blockq.R)
+        outs = [F.linear(x, blockq.dequantize_rows(self.bits, self.qs, self.dm, k, r, min(n, r + step), x.dtype))
+                for r in range(0, n, step)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+    def extra_repr(self) -> str:
+        kind = "Q4 (d, m per 32)" if self.bits == 4 else "Q8 (d per 32)"
+        return f"in_features:{self.in_features}, out_features:{self.out_features}, {kind}, isa:{self.isa}"
+
+
+class BlockQEmbedding(nn.Module):
+    """Token embedding read from block-quantized rows (exact dequantized values, in `dtype`)."""
+
+    def __init__(self, weight: BlockWeight, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.bits, self.num_embeddings, self.embedding_dim = weight.bits, weight.out_features, weight.in_features
+        self.register_buffer("qs", weight.qs, persistent=False)
+        self.register_buffer("dm", weight.dm, persistent=False)
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        g, r = ids // blockq.R, ids % blockq.R                       # row n lives in group n // 4, lane n % 4
+        if self.bits == 4:
+            b = self.qs[g, :, r]                                      # (..., nb, 16)
+            q = torch.stack([b & 0x0F, b >> 4], dim=-2).float()       # (..., nb, 2, 16)
+            f = self.dm[g, :, :, r].float()                           # (..., nb, 2)
+            w = q * f[..., 0, None, None] + f[..., 1, None, None]
+        else:
+            w = self.qs[g, :, r].float() * self.dm[g, :, r].float()[..., None]  # (..., nb, 32)
+        return w.reshape(*ids.shape, self.embedding_dim).to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, Q{self.bits} blocks"

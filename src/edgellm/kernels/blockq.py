@@ -1,0 +1,220 @@
+"""Weights in blocks of 32 (4-bit Q4: w = d * q + m; 8-bit Q8: w = d * q), and the `edgellm::qmatmul` op.
+
+The layouts (documented in csrc/qmatmul.c) interleave rows by 4; `pack_q4` / `pack_q8` build them from
+per-row blocks (GGUF's Q4_0/Q4_1/Q8_0 bytes map onto them exactly, and so does an integer zero point with
+fp16 scales, up to rounding m = -z * d to fp16). `qmatmul` multiplies short inputs with the C kernel
+(activations quantized to int8 per block of 32, integer dot products: AVX2, AVX-VNNI or AVX512-VNNI, chosen by
+kernels.cpu); `dequantize_rows` gives the exact float weight for the dense (prefill) path. Without a C compiler
+or AVX2 both fall back to torch code with the same results as the dequantized weight.
+
+`qmatmul` is a torch custom op (`torch.ops.edgellm.qmatmul`) so the compiled decode step calls it as one
+opaque kernel while inductor fuses everything around it. `register_ops()` defines it (once per process).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from . import cpu, native
+
+QK = 32  # values per block
+R = 4    # rows interleaved
+
+
+def pad_rows(n: int) -> int:
+    return -(-n // R) * R
+
+
+def _interleave(t: torch.Tensor) -> torch.Tensor:
+    """(N, nb, ...) per-row blocks -> (N/R, nb, R, ...) (N padded to R with zero rows)."""
+    n = t.shape[0]
+    if n % R:
+        t = torch.cat([t, t.new_zeros(pad_rows(n) - n, *t.shape[1:])])
+    return t.reshape(-1, R, *t.shape[1:]).transpose(1, 2).contiguous()
+
+
+def pack_q4(nibbles: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """nibbles uint8 (N, nb, 16) in GGML order (byte j: element j low, j + 16 high), d and m (N, nb) (rounded
+    to fp16) -> (qs uint8 (N/4, nb, 4, 16), dm fp16 (N/4, nb, 2, 4))."""
+    dm = torch.stack([d.to(torch.float16), m.to(torch.float16)], dim=-1)  # (N, nb, 2)
+    return _interleave(nibbles.to(torch.uint8)), _interleave(dm).transpose(2, 3).contiguous()
+
+
+def pack_q8(codes: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """codes int8 (N, nb, 32), d (N, nb) -> (qs int8 (N/4, nb, 4, 32), d fp16 (N/4, nb, 4))."""
+    return _interleave(codes.to(torch.int8)), _interleave(d.to(torch.float16))
+
+
+def ggml_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """Codes (N, K) in 0..15, K % 32 == 0 -> (N, K/32, 16) bytes in GGML's order."""
+    b = q.to(torch.uint8).reshape(q.shape[0], -1, 2, 16)
+    return b[:, :, 0] | (b[:, :, 1] << 4)
+
+
+def from_codes(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes with per-group fp16 scales and integer zeros ((q - z) * s, group_size % 32 == 0 or -1)
+    -> the Q4 layout (d = s, m = -z * s rounded to fp16). K is padded to 32 with zero codes and d = m = 0."""
+    n, k = q.shape
+    kp = -(-k // QK) * QK
+    nb = kp // QK
+    g = kp if group_size == -1 else group_size
+    idx = (torch.arange(nb) * QK // g).clamp(max=scales.shape[1] - 1)
+    s, z = scales.float()[:, idx], zeros.float()[:, idx]
+    live = (torch.arange(nb) * QK < k).float()        # blocks wholly in the K padding contribute 0
+    q = torch.nn.functional.pad(q.to(torch.uint8), (0, kp - k))
+    return pack_q4(ggml_nibbles(q), s * live, -z * s * live)
+
+
+def dequantize_rows_torch(bits: int, qs: torch.Tensor, dm: torch.Tensor, n0: int, n1: int,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """Rows n0:n1 (n0 % 4 == 0) of the weight, (n1 - n0, K), computed in fp32 and rounded once to dtype."""
+    g0, g1 = n0 // R, -(-n1 // R)
+    if bits == 4:
+        b = qs[g0:g1]                                                     # (g, nb, R, 16)
+        q = torch.stack([b & 0x0F, b >> 4], dim=3).float()                # (g, nb, R, 2, 16)
+        f = dm[g0:g1].float()                                             # (g, nb, 2, R)
+        w = q * f[:, :, 0, :, None, None] + f[:, :, 1, :, None, None]
+    else:
+        w = qs[g0:g1].float() * dm[g0:g1].float()[..., None]              # (g, nb, R, 32)
+    w = w.reshape(g1 - g0, w.shape[1], R, QK).transpose(1, 2).reshape((g1 - g0) * R, -1)
+    return w[n0 - g0 * R:n1 - g0 * R].to(dtype)
+
+
+@functools.cache
+def _c_kernels() -> tuple | None:
+    """(qmatmul, qdequant) from csrc/qmatmul.c, checked against the torch reference; None (reason in
+    native.reasons["qmatmul"]) where there is no compiler or no AVX2."""
+    name = "qmatmul"
+    if cpu.int8_dot_isa() is None:
+        native.reasons[name] = "this CPU has no AVX2"
+        return None
+    loaded = native.load_torch_op(name)
+    if loaded is None:
+        return None
+    lib, has_op = loaded
+    try:
+        mm, dq = lib.edgellm_qmatmul, lib.edgellm_qdequant
+    except AttributeError as e:
+        native.reasons[name] = f"building {name} failed: {e}"
+        return None
+    global _OP_IN_CPP
+    _OP_IN_CPP = has_op
+    mm.restype = ctypes.c_int
+    mm.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    dq.restype = None
+    dq.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    pair = (mm, dq)
+    return pair if native._verified(name, pair, _self_check) is not None else None
+
+
+def _self_check(pair: tuple) -> bool:
+    """Both C functions against the torch reference, on odd shapes (N not a multiple of 4, several blocks)."""
+    mm, dq = pair
+    g = torch.Generator().manual_seed(5)
+    n, k = 37, 96
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+    d, m = torch.rand(n, k // QK, generator=g) * 0.1, torch.randn(n, k // QK, generator=g) * 0.1
+    qs4, dm4 = pack_q4(ggml_nibbles(q), d, m)
+    qs8, d8 = pack_q8(torch.randint(-127, 128, (n, k // QK, QK), dtype=torch.int8, generator=g), d)
+    x = torch.randn(3, k, generator=g)
+    for bits, qs, dm in ((4, qs4, dm4), (8, qs8, d8)):
+        w = dequantize_rows_torch(bits, qs, dm, 0, n, torch.float32)
+        got = torch.empty(n, k)
+        dq(bits, qs.data_ptr(), dm.data_ptr(), k, 0, n, got.data_ptr(), 0, 1)
+        if not torch.equal(got, w):
+            return False
+        for isa in runnable_isas():
+            y = torch.empty(3, n)
+            mm(bits, x.data_ptr(), 0, 3, k, qs.data_ptr(), dm.data_ptr(), n, y.data_ptr(), 0, isa, 1)
+            ref = x @ w.T
+            if (y - ref).abs().max().item() > 0.03 * ref.abs().max().item():
+                return False
+    return True
+
+
+def runnable_isas() -> list[int]:
+    """The qmatmul.c variants this CPU can execute (under EDGELLM_ISA's cap): 0 AVX2, 1 AVX-VNNI, 2 AVX512-VNNI."""
+    return [i for i, lvl in enumerate(("avx2", "avx_vnni", "avx512_vnni")) if cpu.has(lvl)]
+
+
+def available() -> bool:
+    return _c_kernels() is not None
+
+
+def qmatmul_reference(x: torch.Tensor, qs: torch.Tensor, dm: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """What the kernel computes, in torch: activations quantized to int8 per block of 32 (scale max|x|/127,
+    round half to even), times the dequantized weight, in fp32."""
+    xf = x.float().reshape(*x.shape[:-1], -1, QK)
+    d = xf.abs().amax(-1, keepdim=True) / 127
+    xq = torch.where(d > 0, torch.round(xf / torch.where(d > 0, d, 1)), 0) * d
+    w = dequantize_rows_torch(bits, qs, dm, 0, n, torch.float32)
+    return (xq.reshape(x.shape).float() @ w.T).to(x.dtype)
+
+
+_OP_IN_CPP = False  # True once csrc/qmatmul_op.cpp defined torch.ops.edgellm.qmatmul
+
+
+def _qmatmul_cpu(x: torch.Tensor, qs: torch.Tensor, dm: torch.Tensor, bits: int, n: int, isa: int) -> torch.Tensor:
+    fns = _c_kernels()
+    k = x.shape[-1]
+    if fns is None or x.dtype not in (torch.float32, torch.bfloat16):
+        w = dequantize_rows_torch(bits, qs, dm, 0, n, torch.float32)
+        return (x.float() @ w.T).to(x.dtype)
+    x2 = x.reshape(-1, k).contiguous()
+    y = torch.empty(x2.shape[0], n, dtype=x.dtype)
+    bf16 = int(x.dtype == torch.bfloat16)
+    rc = fns[0](bits, x2.data_ptr(), bf16, x2.shape[0], k, qs.data_ptr(), dm.data_ptr(), n, y.data_ptr(), bf16,
+                isa, torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("edgellm::qmatmul: out of memory")
+    return y.reshape(*x.shape[:-1], n)
+
+
+def dequantize_rows(bits: int, qs: torch.Tensor, dm: torch.Tensor, k: int, n0: int, n1: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """Rows n0:n1 (n0 % 4 == 0) as (n1 - n0, k) in dtype: the C pass where built (fp32/bf16), else torch."""
+    fns = _c_kernels()
+    if fns is None or dtype not in (torch.float32, torch.bfloat16):
+        return dequantize_rows_torch(bits, qs, dm, n0, n1, dtype)
+    out = torch.empty(n1 - n0, k, dtype=dtype)
+    fns[1](bits, qs.data_ptr(), dm.data_ptr(), k, n0, n1, out.data_ptr(), int(dtype == torch.bfloat16),
+           torch.get_num_threads())
+    return out
+
+
+_LIB: torch.library.Library | None = None
+
+
+def _fake(x: torch.Tensor, qs: torch.Tensor, dm: torch.Tensor, bits: int, n: int, isa: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], n)
+
+
+def register_ops() -> None:
+    """Define `torch.ops.edgellm.qmatmul(x, qs, dm, bits, n, isa)` -> x @ W^T in x's dtype, once per process:
+    in C++ where csrc/qmatmul_op.cpp could be built, else in Python (ctypes, or torch without a compiler)."""
+    global _LIB
+    if _LIB is not None:
+        return
+    _c_kernels()  # loads the C++ operator library when it can be built
+    if _OP_IN_CPP:
+        _LIB = torch.library.Library("edgellm", "FRAGMENT")
+    else:
+        _LIB = torch.library.Library("edgellm", "DEF")
+        _LIB.define("qmatmul(Tensor x, Tensor qs, Tensor dm, int bits, int n, int isa) -> Tensor")
+        _LIB.impl("qmatmul", _qmatmul_cpu, "CPU")
+    torch.library.register_fake("edgellm::qmatmul", _fake, lib=_LIB)
+
+
+def qmatmul(x: torch.Tensor, qs: torch.Tensor, dm: torch.Tensor, bits: int, n: int, isa: int | None = None
+            ) -> torch.Tensor:
+    """x (..., K) fp32/bf16 contiguous, K % 32 == 0 -> (..., n): the int8-activation kernel (see module doc)."""
+    register_ops()
+    if isa is None:
+        isa = cpu.int8_dot_isa() or 0
+    return torch.ops.edgellm.qmatmul(x, qs, dm, bits, n, isa)

@@ -1,0 +1,255 @@
+/* Low-bit matrix products for short inputs (decode): 4-bit (Q4) and 8-bit (Q8) weights in blocks of 32,
+ * activations quantized to int8 per block of 32, integer dot products. The llama.cpp recipe, our code.
+ *
+ * Built by edgellm/kernels/native.py for the x86-64-v3 baseline (AVX2, FMA, F16C; -O3 -fopenmp); the VNNI
+ * variants are compiled beside it with target attributes and chosen at run time by `isa` (the caller's CPU
+ * detection, so EDGELLM_ISA=avx2 really runs the AVX2 code on any machine):
+ *   isa 0: AVX2     vpmaddubsw + vpmaddwd       (every x86-64 laptop since ~2013)
+ *   isa 1: AVX-VNNI vpdpbusd on ymm (VEX)       (Intel Core 12th gen+, Zen 5 client)
+ *   isa 2: AVX512-VNNI vpdpbusd on ymm (EVEX)   (Xeon, Zen 4/5)
+ *
+ * Weight layout (made once at load, see kernels/blockq.py), rows interleaved by R = 4 so one thread streams
+ * one contiguous run of memory and each loaded activation block serves four rows:
+ *   Q4: qs uint8 (N/4, nb, 4, 16): block b of row r; byte j holds element j (low nibble) and j+16 (high nibble),
+ *       GGML's order. dm fp16 (N/4, nb, 2, 4): d of the 4 rows, then m of the 4 rows. w = d * q + m, q in 0..15
+ *       (Q4_1 exactly; Q4_0 has m = -8d; an integer zero point z gives m = -z d).
+ *   Q8: qs int8 (N/4, nb, 4, 32); d fp16 (N/4, nb, 4). w = d * q.
+ * Activations: xd = max|x| / 127 per block, xq = round(x / xd) in -127..127, xs = xd * sum(xq) (for the m term):
+ *   dot(w_block, x_block) ~= d * xd * sum(q * xq) + m * xs.
+ * Every row's result is the same whatever the thread count (each row is summed by one thread, in block order).
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define QK 32
+#define R 4
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as torch does */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* One row of K activations (fp32 or bf16) -> nb blocks of int8 codes, scale, scale * sum. */
+static void quantize_row(const void *x, int x_bf16, int64_t K, int8_t *xq, float *xd, float *xs) {
+    float buf[QK];
+    for (int64_t b = 0; b < K / QK; b++) {
+        const float *v;
+        if (x_bf16) {
+            const uint16_t *h = (const uint16_t *)x + b * QK;
+            for (int i = 0; i < QK; i++) buf[i] = bf16_to_float(h[i]);
+            v = buf;
+        } else {
+            v = (const float *)x + b * QK;
+        }
+        __m256 sign = _mm256_set1_ps(-0.0f);
+        __m256 a0 = _mm256_andnot_ps(sign, _mm256_loadu_ps(v)), a1 = _mm256_andnot_ps(sign, _mm256_loadu_ps(v + 8));
+        __m256 a2 = _mm256_andnot_ps(sign, _mm256_loadu_ps(v + 16)), a3 = _mm256_andnot_ps(sign, _mm256_loadu_ps(v + 24));
+        __m256 m = _mm256_max_ps(_mm256_max_ps(a0, a1), _mm256_max_ps(a2, a3));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        float amax = _mm_cvtss_f32(m4);
+        float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        __m256 vid = _mm256_set1_ps(id);
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(v), vid), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(v + 8), vid), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(v + 16), vid), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(v + 24), vid), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        __m256i s = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        s4 = _mm_hadd_epi32(s4, s4);
+        s4 = _mm_hadd_epi32(s4, s4);
+        /* pack 32-bit -> 16-bit -> 8-bit; the packs interleave 128-bit lanes, the permute restores order */
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(xq + b * QK), p);
+        xd[b] = d;
+        xs[b] = d * (float)_mm_cvtsi128_si32(s4);
+    }
+}
+
+/* Four rows' int32 partial sums (8 lanes each) -> their totals, one lane per row. */
+static inline __m128 sum4(__m256i a, __m256i b, __m256i c, __m256i d) {
+    __m256i ab = _mm256_hadd_epi32(a, b), cd = _mm256_hadd_epi32(c, d);
+    __m256i abcd = _mm256_hadd_epi32(ab, cd); /* lanes: a b c d (low half), a b c d (high half) */
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(abcd), _mm256_extracti128_si256(abcd, 1));
+    return _mm_cvtepi32_ps(s);
+}
+
+static inline void store_out(void *y, int y_bf16, int64_t idx, float v) {
+    if (y_bf16)
+        ((uint16_t *)y)[idx] = float_to_bf16(v);
+    else
+        ((float *)y)[idx] = v;
+}
+
+static inline void store4(void *y, int y_bf16, int64_t row_off, int64_t n0, int64_t N, __m128 acc) {
+    float o[R];
+    _mm_storeu_ps(o, acc);
+    for (int r = 0; r < R && n0 + r < N; r++) store_out(y, y_bf16, row_off + n0 + r, o[r]);
+}
+
+/* The integer dot product of 32 unsigned bytes with 32 signed bytes, as 8 int32 partial sums. */
+#define DOT_AVX2(w, x) _mm256_madd_epi16(_mm256_maddubs_epi16((w), (x)), _mm256_set1_epi16(1))
+#define DOT_AVXVNNI(w, x) _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), (w), (x))
+#define DOT_AVX512VNNI(w, x) _mm256_dpbusd_epi32(_mm256_setzero_si256(), (w), (x))
+
+/* One group of 4 weight rows against one quantized activation row. Two rows' 16-byte blocks are one 32-byte
+ * load; their low nibbles (elements 0..15 of each row) meet the activation's first 16 bytes broadcast to both
+ * 128-bit lanes, the high nibbles its last 16: lanes 0-3 of the result sum row r, lanes 4-7 row r + 1. */
+#define Q4_GROUP(NAME, DOT2, TARGET)                                                                           \
+    TARGET static __m128 NAME(const uint8_t *qs, const uint16_t *dm, int64_t nb, const int8_t *xq,            \
+                              const float *xd, const float *xs) {                                             \
+        const __m256i nib = _mm256_set1_epi8(0x0F);                                                           \
+        const __m256i sel01 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);                                      \
+        const __m256i sel23 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);                                      \
+        __m256 acc01 = _mm256_setzero_ps(), acc23 = _mm256_setzero_ps();                                      \
+        __m128 accm = _mm_setzero_ps();                                                                       \
+        for (int64_t b = 0; b < nb; b++) {                                                                    \
+            const uint8_t *q = qs + b * R * 16;                                                               \
+            __m256i xlo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq + b * QK)));       \
+            __m256i xhi = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq + b * QK + 16)));  \
+            __m256i v01 = _mm256_loadu_si256((const __m256i *)q);                                             \
+            __m256i v23 = _mm256_loadu_si256((const __m256i *)(q + 32));                                      \
+            __m256i p01 = DOT2(_mm256_and_si256(v01, nib), xlo, _mm256_and_si256(_mm256_srli_epi16(v01, 4), nib), xhi); \
+            __m256i p23 = DOT2(_mm256_and_si256(v23, nib), xlo, _mm256_and_si256(_mm256_srli_epi16(v23, 4), nib), xhi); \
+            __m256 f = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + b * 2 * R))); /* d0..3 m0..3 */ \
+            __m256 ds = _mm256_mul_ps(f, _mm256_set1_ps(xd[b]));                                              \
+            acc01 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p01), _mm256_permutevar8x32_ps(ds, sel01), acc01);     \
+            acc23 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p23), _mm256_permutevar8x32_ps(ds, sel23), acc23);     \
+            accm = _mm_fmadd_ps(_mm256_extractf128_ps(f, 1), _mm_set1_ps(xs[b]), accm);                       \
+        }                                                                                                     \
+        /* hadd twice: lanes (r0 r2 r0 r2 | r1 r3 r1 r3) -> add halves after a shuffle to (r0 r1 r2 r3) */    \
+        __m256 h = _mm256_hadd_ps(acc01, acc23);  /* r0 r0 r2 r2 | r1 r1 r3 r3 */                            \
+        h = _mm256_hadd_ps(h, h);                 /* r0 r2 r0 r2 | r1 r3 r1 r3 */                            \
+        __m128 lo = _mm256_castps256_ps128(h), hi = _mm256_extractf128_ps(h, 1);                             \
+        return _mm_add_ps(_mm_unpacklo_ps(lo, hi), accm); /* r0 r1 r2 r3 */                                  \
+    }
+
+#define DOT2_AVX2(a, x, b, y)                                                                                  \
+    _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16((a), (x)), _mm256_maddubs_epi16((b), (y))),     \
+                      _mm256_set1_epi16(1))
+#define DOT2_AVXVNNI(a, x, b, y) _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), (a), (x)), (b), (y))
+#define DOT2_AVX512VNNI(a, x, b, y) _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), (a), (x)), (b), (y))
+
+/* Signed x signed: |w| as unsigned, x carrying w's sign (llama.cpp's trick; |-128| = 128 fits a u8). */
+#define Q8_GROUP(NAME, DOT, TARGET)                                                                            \
+    TARGET static __m128 NAME(const int8_t *qs, const uint16_t *d, int64_t nb, const int8_t *xq,              \
+                              const float *xd) {                                                              \
+        __m128 acc = _mm_setzero_ps();                                                                        \
+        __m256i p[R];                                                                                          \
+        for (int64_t b = 0; b < nb; b++) {                                                                    \
+            const int8_t *q = qs + b * R * QK;                                                                \
+            __m256i x = _mm256_loadu_si256((const __m256i *)(xq + b * QK));                                   \
+            for (int r = 0; r < R; r++) {                                                                     \
+                __m256i w = _mm256_loadu_si256((const __m256i *)(q + r * QK));                                \
+                p[r] = DOT(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));                                   \
+            }                                                                                                 \
+            __m128 s = sum4(p[0], p[1], p[2], p[3]);                                                          \
+            __m128 f = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(d + b * R)));                           \
+            acc = _mm_fmadd_ps(s, _mm_mul_ps(f, _mm_set1_ps(xd[b])), acc);                                    \
+        }                                                                                                     \
+        return acc;                                                                                           \
+    }
+
+Q4_GROUP(q4_group_avx2, DOT2_AVX2, )
+Q4_GROUP(q4_group_avxvnni, DOT2_AVXVNNI, __attribute__((target("avxvnni"))))
+Q4_GROUP(q4_group_avx512vnni, DOT2_AVX512VNNI, __attribute__((target("avx512vnni,avx512vl"))))
+Q8_GROUP(q8_group_avx2, DOT_AVX2, )
+Q8_GROUP(q8_group_avxvnni, DOT_AVXVNNI, __attribute__((target("avxvnni"))))
+Q8_GROUP(q8_group_avx512vnni, DOT_AVX512VNNI, __attribute__((target("avx512vnni,avx512vl"))))
+
+/* Which instruction sets this build can run (bit i = isa i), so Python never picks a variant the compiler
+ * could not emit. */
+int edgellm_qmatmul_isas(void) { return 1 | 2 | 4; }
+
+/* y (M, N) = x (M, K) @ W^T for W in the Q4 (bits 4) or Q8 (bits 8) layout above; K % 32 == 0, N_pad = N
+ * rounded up to 4. x and y are fp32 or bf16. Returns 0, or -1 if out of memory. */
+int edgellm_qmatmul(int bits, const void *x, int x_bf16, int64_t M, int64_t K, const void *qs, const uint16_t *dm,
+                    int64_t N, void *y, int y_bf16, int isa, int threads) {
+    const int64_t nb = K / QK, groups = (N + R - 1) / R;
+    int8_t *xq = malloc((size_t)(M * K));
+    float *xd = malloc((size_t)(M * nb) * sizeof(float)), *xs = malloc((size_t)(M * nb) * sizeof(float));
+    if (!xq || !xd || !xs) {
+        free(xq), free(xd), free(xs);
+        return -1;
+    }
+    const size_t x_row = (size_t)K * (x_bf16 ? 2 : 4);
+    for (int64_t m = 0; m < M; m++)
+        quantize_row((const char *)x + m * x_row, x_bf16, K, xq + m * K, xd + m * nb, xs + m * nb);
+#ifdef _OPENMP
+    if (threads < 1) threads = omp_get_max_threads(); /* torch.set_num_threads sets this (same libgomp) */
+#endif
+    if (threads < 1 || groups < 2 * threads) threads = 1; /* too little work to split */
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t g = 0; g < groups; g++) {
+        for (int64_t m = 0; m < M; m++) {
+            __m128 acc;
+            if (bits == 4) {
+                const uint8_t *q = (const uint8_t *)qs + g * nb * R * 16;
+                const uint16_t *s = dm + g * nb * 2 * R;
+                acc = isa == 2   ? q4_group_avx512vnni(q, s, nb, xq + m * K, xd + m * nb, xs + m * nb)
+                      : isa == 1 ? q4_group_avxvnni(q, s, nb, xq + m * K, xd + m * nb, xs + m * nb)
+                                 : q4_group_avx2(q, s, nb, xq + m * K, xd + m * nb, xs + m * nb);
+            } else {
+                const int8_t *q = (const int8_t *)qs + g * nb * R * QK;
+                const uint16_t *s = dm + g * nb * R;
+                acc = isa == 2   ? q8_group_avx512vnni(q, s, nb, xq + m * K, xd + m * nb)
+                      : isa == 1 ? q8_group_avxvnni(q, s, nb, xq + m * K, xd + m * nb)
+                                 : q8_group_avx2(q, s, nb, xq + m * K, xd + m * nb);
+            }
+            store4(y, y_bf16, m * N, g * R, N, acc);
+        }
+    }
+    free(xq), free(xd), free(xs);
+    return 0;
+}
+
+/* Rows n0:n1 (n0 % 4 == 0) of W dequantized exactly (fp32 arithmetic: d * q + m, or d * q), written as
+ * out (n1 - n0, K) in fp32 or bf16 (rounded once), for the prefill path's dense GEMM. */
+void edgellm_qdequant(int bits, const void *qs, const uint16_t *dm, int64_t K, int64_t n0, int64_t n1, void *out,
+                      int out_bf16, int threads) {
+    const int64_t nb = K / QK;
+#ifdef _OPENMP
+    if (threads < 1) threads = omp_get_max_threads();
+#endif
+    if (threads < 1) threads = 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = n0; n < n1; n++) {
+        const int64_t g = n / R, r = n % R, row = (n - n0) * K;
+        float w[QK];
+        for (int64_t b = 0; b < nb; b++) {
+            if (bits == 4) {
+                const uint8_t *q = (const uint8_t *)qs + ((g * nb + b) * R + r) * 16;
+                const uint16_t *s = dm + (g * nb + b) * 2 * R;
+                float d = _cvtsh_ss(s[r]), mn = _cvtsh_ss(s[R + r]);
+                for (int j = 0; j < 16; j++) {
+                    w[j] = d * (float)(q[j] & 0x0F) + mn;
+                    w[j + 16] = d * (float)(q[j] >> 4) + mn;
+                }
+            } else {
+                const int8_t *q = (const int8_t *)qs + ((g * nb + b) * R + r) * QK;
+                float d = _cvtsh_ss(dm[(g * nb + b) * R + r]);
+                for (int j = 0; j < QK; j++) w[j] = d * (float)q[j];
+            }
+            if (out_bf16)
+                for (int j = 0; j < QK; j++) ((uint16_t *)out)[row + b * QK + j] = float_to_bf16(w[j]);
+            else
+                memcpy((float *)out + row + b * QK, w, sizeof w);
+        }
+    }
+}
