@@ -10,8 +10,7 @@ import torch
 from edgellm.kernels import native
 from edgellm.kernels import torch_lowbit as K
 from edgellm.quant import QLinearPerGrp, quantize
-
-from .quant.conftest import rel_err
+from tests.quant.conftest import rel_err
 
 
 @pytest.fixture
