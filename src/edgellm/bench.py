@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .kernels import native
+from .kernels import cpu, native
 from .peers import BenchResult, Engine, Row, Session, median, summary_rounds
 from .report import markdown_table
 
@@ -35,13 +34,7 @@ _TEXT_CANDIDATES = ["../shared/data/wikitext-2-raw/wiki.test.raw", "shared/data/
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu.cpu_name()
 
 
 def physical_cores() -> int:
