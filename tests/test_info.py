@@ -167,13 +167,17 @@ def test_info_default_model_without_and_with_weights(monkeypatch: pytest.MonkeyP
     assert main(["info", "--context", "2048"]) == 0
     assert not loaded  # without --load no weights are read
     small_context = capsys.readouterr().out
-    assert main(["info", "--load"]) == 0
+    assert main(["info", "--load", "--dtype", "fp32"]) == 0
     live_out = capsys.readouterr().out
     assert len(loaded) == 1
     model = loaded[0].model
-    assert live_out == meta_out  # the meta module tree prints exactly as the loaded model does
+    assert live_out == meta_out  # the meta module tree prints exactly as the float model does
     assert live_out.startswith(str(model))
     assert f"Parameters: {sum(p.numel() for p in model.parameters()):,} (llama, 30 layers" in live_out
+    assert main(["info", "--load"]) == 0  # --dtype auto keeps the GGUF's Q4_1/Q8_0 blocks: the tree says so
+    block_out = capsys.readouterr().out
+    assert block_out.startswith(str(loaded[1].model)) and "BlockQLinear" in block_out and "Q4" in block_out
+    assert block_out.split("\nParameters:")[1] == meta_out.split("\nParameters:")[1]
     assert "KV cache @8192 (GB)" in meta_out and "KV cache @2048 (GB)" in small_context
     _, t8k = parse_table(meta_out, "Precision")
     _, t2k = parse_table(small_context, "Precision")

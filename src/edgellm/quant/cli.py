@@ -48,6 +48,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import torch
 
     from ..api import load
+    from ..loading import parse_dtype
     from ..report import markdown_table
     from .checkpoint import save_quantized
     from .convert import quantized_layers
@@ -59,7 +60,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[args.dtype]
+    dtype = parse_dtype(args.dtype)
     t0 = time.perf_counter()
     llm = load(args.model, dtype="fp32", rope_type=args.rope_type)  # searches and rounding run in fp32
     print(f"Quantizing {llm.loaded.source} ({llm.config.arch}, {llm.config.num_layers} layers): {spec.label}, "
