@@ -28,9 +28,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/edgellm demo
 
+# The suite, then the kernel, parity and generation tests again on the AVX2 path (what most laptops run),
+# forced on any x86-64 CPU: our kernels' AVX2 variants, fp32 activations, torch's AVX2 kernels.
+AVX2_TESTS := tests/kernels tests/loading/test_gguf.py tests/test_model_parity.py tests/test_generate.py \
+              tests/test_default_model.py
 test: $(TSTAMP)
 	$(PYTHON) -m ruff check src tests
 	$(PYTHON) -m pytest -q
+	EDGELLM_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PYTHON) -m pytest -q $(AVX2_TESTS)
 
 clean:
 	rm -rf $(VENV)

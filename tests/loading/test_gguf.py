@@ -261,3 +261,43 @@ def test_dequantize_rejects_unsupported_type_and_wrong_sizes():
         dequantize(np.zeros(34, dtype=np.uint8), int(Q.Q8_0), (2, 32))
     with pytest.raises(ValueError, match="out must be"):
         dequantize(np.zeros(34, dtype=np.uint8), int(Q.Q8_0), (32,), out=torch.empty(32, dtype=torch.float16))
+
+
+# ---------------------------------------------------------------- Q4_0/Q4_1/Q8_0 kept in their blocks
+KEPT_CASES = [("k_llama", "Q4_1"), ("k_llama", "Q4_0"), ("k_llama", "Q8_0"), ("k_qwen2", "Q4_1")]
+
+
+@pytest.mark.parametrize("name,qtype", KEPT_CASES, ids=[f"{n}-{q}" for n, q in KEPT_CASES])
+def test_block_quantized_load_matches_the_dequantized_model(gguf_files, checkpoints, name, qtype):
+    """The default load (--dtype auto) keeps the file's blocks. Prefill (>= 32 rows) multiplies the exact
+    dequantized weight; decode (fewer rows) quantizes activations to int8 per 32 (kernels/csrc/qmatmul.c)."""
+    from edgellm.kernels.blocklinear import BlockQEmbedding, BlockQLinear
+
+    path = gguf_files(name, qtype)
+    kept = edgellm.load(path, dtype="fp32", keep_quantized=True)
+    dense = edgellm.load(path, dtype="fp32")
+    layers = [m for m in kept.model.modules() if isinstance(m, BlockQLinear)]
+    assert len(layers) == 4 + 1 and isinstance(kept.model.embed_tokens, BlockQEmbedding)  # 1 layer + lm_head
+    assert {m.bits for m in layers} == {8 if qtype == "Q8_0" else 4}
+    assert not any(isinstance(m, torch.nn.Linear) for m in kept.model.modules())
+    if kept.config.tie_word_embeddings:  # one copy of the blocks serves both
+        assert kept.model.lm_head.qs.data_ptr() == kept.model.embed_tokens.qs.data_ptr()
+    long_ids = random_ids(40)
+    assert (kept.logits(long_ids) - dense.logits(long_ids)).abs().max().item() <= TOL
+    assert (kept.model.embed_tokens(long_ids) == dense.model.embed_tokens(long_ids)).all()
+    short_ids = random_ids(8)
+    ref = dense.logits(short_ids)
+    got = kept.logits(short_ids)
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 0.02, rel  # int8 activations: close, and not bit-equal (the kernel really ran)
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.75
+
+
+def test_default_dtype_keeps_blocks_and_explicit_dtype_dequantizes(gguf_files):
+    from edgellm.kernels.blocklinear import BlockQLinear
+
+    path = gguf_files("k_llama", "Q4_1")
+    assert any(isinstance(m, BlockQLinear) for m in edgellm.load(path).model.modules())
+    assert not any(isinstance(m, BlockQLinear) for m in edgellm.load(path, dtype="bf16").model.modules())
+    # K-quants are not kept (no kernel for them): they load dequantized under auto too
+    assert not any(isinstance(m, BlockQLinear) for m in edgellm.load(gguf_files("k_llama", "Q4_K")).model.modules())

@@ -54,21 +54,6 @@ def ggml_nibbles(q: torch.Tensor) -> torch.Tensor:
     return b[:, :, 0] | (b[:, :, 1] << 4)
 
 
-def from_codes(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer codes with per-group fp16 scales and integer zeros ((q - z) * s, group_size % 32 == 0 or -1)
-    -> the Q4 layout (d = s, m = -z * s rounded to fp16). K is padded to 32 with zero codes and d = m = 0."""
-    n, k = q.shape
-    kp = -(-k // QK) * QK
-    nb = kp // QK
-    g = kp if group_size == -1 else group_size
-    idx = (torch.arange(nb) * QK // g).clamp(max=scales.shape[1] - 1)
-    s, z = scales.float()[:, idx], zeros.float()[:, idx]
-    live = (torch.arange(nb) * QK < k).float()        # blocks wholly in the K padding contribute 0
-    q = torch.nn.functional.pad(q.to(torch.uint8), (0, kp - k))
-    return pack_q4(ggml_nibbles(q), s * live, -z * s * live)
-
-
 def dequantize_rows_torch(bits: int, qs: torch.Tensor, dm: torch.Tensor, n0: int, n1: int,
                           dtype: torch.dtype) -> torch.Tensor:
     """Rows n0:n1 (n0 % 4 == 0) of the weight, (n1 - n0, K), computed in fp32 and rounded once to dtype."""
