@@ -141,3 +141,14 @@ def test_qmatmul_compiles_as_one_opaque_op(kernels):
     fn = torch.compile(lambda a: torch.relu(blockq.qmatmul(a, w.qs, w.dm, 4, 32, isa)), backend="eager",
                        fullgraph=True)
     torch.testing.assert_close(fn(x), torch.relu(blockq.qmatmul(x, w.qs, w.dm, 4, 32, isa)))
+
+
+def test_dense_path_keeps_gradients_right(kernels):
+    """The prefill path reuses one scratch buffer for dequantized weights, except when autograd needs them."""
+    a, b = BlockQLinear(random_weight(4, 64, 64, seed=1)), BlockQLinear(random_weight(4, 64, 64, seed=2))
+    x = torch.randn(40, 64, requires_grad=True)
+    b(a(x)).sum().backward()
+    wa, wb = a.dequantized_weight(), b.dequantized_weight()
+    xr = x.detach().clone().requires_grad_()
+    F.linear(F.linear(xr, wa), wb).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)

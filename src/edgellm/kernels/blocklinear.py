@@ -9,6 +9,7 @@ and lm_head share one copy).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -68,13 +69,33 @@ class BlockQLinear(nn.Module):
     def _forward_dense(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.out_features, self.in_features
         step = max(blockq.R, self.dense_chunk_elems // k // blockq.R * blockq.R)
-        outs = [F.linear(x, blockq.dequantize_rows(self.bits, self.qs, self.dm, k, r, min(n, r + step), x.dtype))
-                for r in range(0, n, step)]
+        # autograd would keep the weight for backward: then each chunk needs a tensor of its own
+        buf = None if torch.is_grad_enabled() and x.requires_grad else _scratch(min(n, step) * k, x.dtype)
+        outs = []
+        for r in range(0, n, step):
+            rows = min(n, r + step) - r
+            w = blockq.dequantize_rows(self.bits, self.qs, self.dm, k, r, r + rows, x.dtype,
+                                       out=None if buf is None else buf[:rows * k].view(rows, k))
+            outs.append(F.linear(x, w))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
     def extra_repr(self) -> str:
         kind = "Q4 (d, m per 32)" if self.bits == 4 else "Q8 (d per 32)"
         return f"in_features:{self.in_features}, out_features:{self.out_features}, {kind}, isa:{self.isa}"
+
+
+_local = threading.local()
+
+
+def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread buffer for dequantized weight chunks, reused by every layer: a fresh multi-MB tensor per
+    product would cost page faults on every prefill (the GEMM reads the chunk right after it is written, so one
+    buffer per thread is enough; threads never share one)."""
+    buf = getattr(_local, "bufs", {}).get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=dtype)
+        _local.bufs = {**getattr(_local, "bufs", {}), dtype: buf}
+    return buf
 
 
 class BlockQEmbedding(nn.Module):

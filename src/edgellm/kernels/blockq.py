@@ -162,12 +162,16 @@ def _qmatmul_cpu(x: torch.Tensor, qs: torch.Tensor, dm: torch.Tensor, bits: int,
 
 
 def dequantize_rows(bits: int, qs: torch.Tensor, dm: torch.Tensor, k: int, n0: int, n1: int,
-                    dtype: torch.dtype) -> torch.Tensor:
-    """Rows n0:n1 (n0 % 4 == 0) as (n1 - n0, k) in dtype: the C pass where built (fp32/bf16), else torch."""
+                    dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows n0:n1 (n0 % 4 == 0) as (n1 - n0, k) in dtype: the C pass where built (fp32/bf16), else torch.
+    out: a contiguous (n1 - n0, k) tensor of dtype to write into (the prefill path reuses one scratch buffer)."""
     fns = _c_kernels()
     if fns is None or dtype not in (torch.float32, torch.bfloat16):
-        return dequantize_rows_torch(bits, qs, dm, n0, n1, dtype)
-    out = torch.empty(n1 - n0, k, dtype=dtype)
+        w = dequantize_rows_torch(bits, qs, dm, n0, n1, dtype)
+        return w if out is None else out.copy_(w)
+    if out is None:
+        out = torch.empty(n1 - n0, k, dtype=dtype)
+    assert out.is_contiguous() and out.shape == (n1 - n0, k) and out.dtype == dtype
     fns[1](bits, qs.data_ptr(), dm.data_ptr(), k, n0, n1, out.data_ptr(), int(dtype == torch.bfloat16),
            torch.get_num_threads())
     return out

@@ -28,6 +28,11 @@
 
 #define QK 32
 #define R 4
+/* Software prefetch distance in bytes of the weight stream: decode reads each weight once from DRAM, and the
+ * hardware prefetcher alone leaves small matrices (a few hundred KB per thread) short of full bandwidth. */
+#ifndef PREFETCH
+#define PREFETCH 1024
+#endif
 
 static inline float bf16_to_float(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -121,6 +126,8 @@ static inline void store4(void *y, int y_bf16, int64_t row_off, int64_t n0, int6
         __m128 accm = _mm_setzero_ps();                                                                       \
         for (int64_t b = 0; b < nb; b++) {                                                                    \
             const uint8_t *q = qs + b * R * 16;                                                               \
+            _mm_prefetch((const char *)(q + PREFETCH), _MM_HINT_T0);                                          \
+            _mm_prefetch((const char *)(dm + b * 2 * R) + PREFETCH / 4, _MM_HINT_T0);                         \
             __m256i xlo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq + b * QK)));       \
             __m256i xhi = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq + b * QK + 16)));  \
             __m256i v01 = _mm256_loadu_si256((const __m256i *)q);                                             \
@@ -154,6 +161,8 @@ static inline void store4(void *y, int y_bf16, int64_t row_off, int64_t n0, int6
         __m256i p[R];                                                                                          \
         for (int64_t b = 0; b < nb; b++) {                                                                    \
             const int8_t *q = qs + b * R * QK;                                                                \
+            _mm_prefetch((const char *)(q + PREFETCH), _MM_HINT_T0);                                          \
+            _mm_prefetch((const char *)(q + PREFETCH + 64), _MM_HINT_T0);                                     \
             __m256i x = _mm256_loadu_si256((const __m256i *)(xq + b * QK));                                   \
             for (int r = 0; r < R; r++) {                                                                     \
                 __m256i w = _mm256_loadu_si256((const __m256i *)(q + r * QK));                                \
@@ -182,10 +191,16 @@ int edgellm_qmatmul_isas(void) { return 1 | 2 | 4; }
 int edgellm_qmatmul(int bits, const void *x, int x_bf16, int64_t M, int64_t K, const void *qs, const uint16_t *dm,
                     int64_t N, void *y, int y_bf16, int isa, int threads) {
     const int64_t nb = K / QK, groups = (N + R - 1) / R;
-    int8_t *xq = malloc((size_t)(M * K));
-    float *xd = malloc((size_t)(M * nb) * sizeof(float)), *xs = malloc((size_t)(M * nb) * sizeof(float));
+    /* decode's few rows fit on the stack (no allocator call per product); prefill-sized inputs go to the heap */
+    enum { STACK_BYTES = 64 * 1024 };
+    _Alignas(64) int8_t stack_q[STACK_BYTES];
+    _Alignas(64) float stack_f[2 * STACK_BYTES / QK];
+    const int small = M * K <= STACK_BYTES;
+    int8_t *xq = small ? stack_q : malloc((size_t)(M * K));
+    float *xd = small ? stack_f : malloc((size_t)(M * nb) * sizeof(float));
+    float *xs = small ? stack_f + STACK_BYTES / QK : malloc((size_t)(M * nb) * sizeof(float));
     if (!xq || !xd || !xs) {
-        free(xq), free(xd), free(xs);
+        if (!small) free(xq), free(xd), free(xs);
         return -1;
     }
     const size_t x_row = (size_t)K * (x_bf16 ? 2 : 4);
@@ -215,41 +230,61 @@ int edgellm_qmatmul(int bits, const void *x, int x_bf16, int64_t M, int64_t K, c
             store4(y, y_bf16, m * N, g * R, N, acc);
         }
     }
-    free(xq), free(xd), free(xs);
+    if (!small) free(xq), free(xd), free(xs);
     return 0;
 }
 
-/* Rows n0:n1 (n0 % 4 == 0) of W dequantized exactly (fp32 arithmetic: d * q + m, or d * q), written as
- * out (n1 - n0, K) in fp32 or bf16 (rounded once), for the prefill path's dense GEMM. */
+/* 8 fp32 -> 8 bf16 stored at dst, rounding to nearest even like float_to_bf16 (and torch). */
+static inline void store8_bf16(uint16_t *dst, __m256 v) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+    _mm_storeu_si128((__m128i *)dst, packed);
+}
+
+static inline void store8(void *out, int out_bf16, int64_t idx, __m256 v) {
+    if (out_bf16)
+        store8_bf16((uint16_t *)out + idx, v);
+    else
+        _mm256_storeu_ps((float *)out + idx, v);
+}
+
+/* Rows n0:n1 (n0 % 4 == 0) of W dequantized exactly (d * q + m, or d * q: every product of an fp16 scale and a
+ * code up to 8 bits is exact in fp32, so one rounding at most), written as out (n1 - n0, K) in fp32 or bf16
+ * (rounded once), for the prefill path's dense GEMM. Vectorised: this runs over every weight once per
+ * prefill, so it must cost a small fraction of the GEMM that follows. */
 void edgellm_qdequant(int bits, const void *qs, const uint16_t *dm, int64_t K, int64_t n0, int64_t n1, void *out,
                       int out_bf16, int threads) {
     const int64_t nb = K / QK;
 #ifdef _OPENMP
     if (threads < 1) threads = omp_get_max_threads();
 #endif
-    if (threads < 1) threads = 1;
+    if (threads < 1 || (n1 - n0) * K < 65536) threads = 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = n0; n < n1; n++) {
         const int64_t g = n / R, r = n % R, row = (n - n0) * K;
-        float w[QK];
         for (int64_t b = 0; b < nb; b++) {
+            const int64_t o = row + b * QK;
             if (bits == 4) {
                 const uint8_t *q = (const uint8_t *)qs + ((g * nb + b) * R + r) * 16;
                 const uint16_t *s = dm + (g * nb + b) * 2 * R;
-                float d = _cvtsh_ss(s[r]), mn = _cvtsh_ss(s[R + r]);
-                for (int j = 0; j < 16; j++) {
-                    w[j] = d * (float)(q[j] & 0x0F) + mn;
-                    w[j + 16] = d * (float)(q[j] >> 4) + mn;
+                __m256 d = _mm256_set1_ps(_cvtsh_ss(s[r])), mn = _mm256_set1_ps(_cvtsh_ss(s[R + r]));
+                __m128i v = _mm_loadu_si128((const __m128i *)q), nib = _mm_set1_epi8(0x0F);
+                __m128i lo = _mm_and_si128(v, nib), hi = _mm_and_si128(_mm_srli_epi16(v, 4), nib);
+                __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+                for (int i = 0; i < 4; i++) {
+                    __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i]));
+                    store8(out, out_bf16, o + 8 * i, _mm256_add_ps(_mm256_mul_ps(d, f), mn));
                 }
             } else {
                 const int8_t *q = (const int8_t *)qs + ((g * nb + b) * R + r) * QK;
-                float d = _cvtsh_ss(dm[(g * nb + b) * R + r]);
-                for (int j = 0; j < QK; j++) w[j] = d * (float)q[j];
+                __m256 d = _mm256_set1_ps(_cvtsh_ss(dm[(g * nb + b) * R + r]));
+                for (int i = 0; i < 4; i++) {
+                    __m256i c = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * i)));
+                    store8(out, out_bf16, o + 8 * i, _mm256_mul_ps(d, _mm256_cvtepi32_ps(c)));
+                }
             }
-            if (out_bf16)
-                for (int j = 0; j < QK; j++) ((uint16_t *)out)[row + b * QK + j] = float_to_bf16(w[j]);
-            else
-                memcpy((float *)out + row + b * QK, w, sizeof w);
         }
     }
 }
