@@ -18,6 +18,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -55,6 +56,11 @@ def cache_root() -> Path:
     return Path(os.environ.get("EDGELLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "edgellm"))
 
 
+def notice(message: str) -> None:
+    """One line on stderr before a wait the user did not ask for (first-run builds and compiles)."""
+    print(f"edgellm: {message}", file=sys.stderr, flush=True)
+
+
 def _flag_sets(name: str) -> tuple[list[str], ...]:
     """-march=native, except for kernels that pick their instruction set at run time (the x86-64-v3 baseline:
     AVX2/FMA/F16C, VNNI variants by target attribute) and under EDGELLM_ISA, which must not let the compiler
@@ -76,6 +82,7 @@ def _build(cc: str, name: str) -> Path:
         if lib.exists():
             return lib
         lib.parent.mkdir(parents=True, exist_ok=True)
+        notice(f"building the {name} C kernel for this CPU (once per machine, ~1 s)")
         with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
             tmp_lib = Path(tmp) / lib.name
             r = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", str(tmp_lib), str(source), "-lm"],
@@ -105,6 +112,7 @@ def _build_torch_op(cc: str, name: str) -> Path:
     if lib.exists():
         return lib
     lib.parent.mkdir(parents=True, exist_ok=True)
+    notice(f"building the {name} C kernel for this CPU (once per machine, ~2 s)")
     with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
         obj, tmp_lib = Path(tmp) / f"{name}.o", Path(tmp) / lib.name
         for cmd in ([cc, *flags, "-fPIC", "-c", str(c_src), "-o", str(obj)],
