@@ -352,7 +352,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def print_results(args: argparse.Namespace, results: list[BenchResult], threads: int,
                   breakdown: list[list] | None) -> None:
-    meta = {"cpu": cpu_model(), "threads": threads, "torch": torch.__version__, "task": args.task}
+    meta = {"cpu": cpu_model(), "cpu_path": cpu.summary(), "paths": cpu.paths(), "threads": threads,
+            "torch": torch.__version__, "task": args.task}
     if args.json:
         print(json.dumps({**meta, "results": [asdict(r) for r in results], "profile": breakdown}, indent=2))
         return
@@ -372,7 +373,8 @@ def print_results(args: argparse.Namespace, results: list[BenchResult], threads:
         ratio_pp = median(r.pp512) and median(base.pp512) / median(r.pp512) if r is not base else 1.0
         summary.append([r.engine, mean_sd(r.pp512), mean_sd(r.tg128), round(ratio_pp, 2), round(ratio_tg, 2),
                         round(r.load_s, 3), round(r.compile_s, 1), round(r.peak_rss_mb, 1)])
-    print(f"\nSummary — {meta['cpu']}, {threads} threads, torch {meta['torch']}")
+    print(f"\nSummary — {meta['cpu_path']}, {threads} threads, torch {meta['torch']}")
+    print("Paths: " + "; ".join(f"{k}: {v}" for k, v in meta["paths"].items()))
     print(markdown_table(["engine", "pp512 (t/s)", "tg128 (t/s)", "edgellm/engine pp", "edgellm/engine tg",
                           "load (s)", "compile (s)", "peak RSS (MB)"], summary))
     if breakdown:

@@ -135,6 +135,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .info import info_report
+    from .kernels import cpu
+    from .report import markdown_table
     from .loading import resolve
     from .loading.gguf_file import GGUFCheckpoint
     from .loading.hf_folder import config_from_hf_file
@@ -168,10 +170,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.rope_type:
         config.with_rope_type(args.rope_type)
     print(info_report(config, args.context, model))
+    print(f"\nCPU: {cpu.summary()}\n")
+    print(markdown_table(["operation", "path on this CPU"], [[k, v] for k, v in cpu.paths().items()]))
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .kernels import cpu
     from .report import markdown_table
 
     llm = load_from_args(args)
@@ -179,7 +184,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         llm.generate("Hi", max_new_tokens=2, ignore_eos=True)
         g = llm.generator
         print(g.note or f"Compiled decode step ready in {g.compile_s:.1f} s (cached on disk for later runs)")
-    print(f"Model: {llm.loaded.path} ({llm.config.arch}, {llm.dtype}, {args.max_new_tokens} new tokens, greedy)\n")
+    print(f"Model: {llm.loaded.path} ({llm.config.arch}, {llm.dtype}, {args.max_new_tokens} new tokens, greedy)")
+    print(f"CPU: {cpu.summary()}\n")
     rows = []
     for i, prompt in enumerate(DEMO_PROMPTS, 1):
         answer = llm.chat([{"role": "user", "content": prompt}], max_new_tokens=args.max_new_tokens)

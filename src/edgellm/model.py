@@ -136,17 +136,21 @@ def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return y.view(B, H, T, D)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
-    """Half-precision prefill attention (arguments as blocked_causal_attention) -> (B, T, H, D).
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor | None:
+    """Prefill attention (arguments as blocked_causal_attention) -> (B, T, H, D), or None for fp32 without the
+    C kernel (the caller's SDPA is then the fastest torch path).
 
-    bf16 with head_dim 64 runs our C kernel where it could be built (csrc/attention_bf16.c: AVX512-BF16 dot
-    products, 2-3x faster than the torch path at 512 tokens; fp32 scores, so it differs from the torch path
-    within bf16 rounding); everything else, and any CPU without AVX512-BF16, takes blocked_causal_attention."""
-    if q.dtype == torch.bfloat16 and q.shape[-1] == native.ATTENTION_HEAD_DIM:
-        attend = native.attention_bf16()
+    Head dim 64 runs our C kernels where they could be built: bf16 with AVX512-BF16 dot products
+    (csrc/attention_bf16.c, 2-3x faster than the torch path at 512 tokens; fp32 scores, so it differs from
+    the torch path within bf16 rounding), fp32 with AVX2 FMAs (csrc/attention_f32.c, vs torch's SDPA). Other
+    half-precision cases take blocked_causal_attention."""
+    if q.shape[-1] == native.ATTENTION_HEAD_DIM and q.dtype in (torch.bfloat16, torch.float32):
+        attend = native.attention_bf16() if q.dtype == torch.bfloat16 else native.attention_f32()
         y = attend(q, k, v, start) if attend is not None else None
         if y is not None:
             return y
+    if q.dtype == torch.float32:
+        return None
     return blocked_causal_attention(q, k, v, start).transpose(1, 2)
 
 
@@ -182,9 +186,10 @@ class Attention(nn.Module):
         L = k_all.shape[2]
         windowed = self.window is not None and start + T > self.window
         contiguous = not windowed and kpos.shape[0] == start + T  # key j holds position j
-        if contiguous and T > 1 and q.dtype in (torch.bfloat16, torch.float16):
-            y = causal_attention(q, k_all, v_all, start)  # (B, T, H, D)
-            return self.o_proj(y.reshape(B, T, self.cfg.q_size))
+        if contiguous and T > 1:
+            y = causal_attention(q, k_all, v_all, start)  # (B, T, H, D), or None: SDPA below
+            if y is not None:
+                return self.o_proj(y.reshape(B, T, self.cfg.q_size))
         if contiguous and (T == 1 or start == 0):
             # Plain causal cases need no explicit mask (fast SDPA paths).
             mask, is_causal = None, T > 1

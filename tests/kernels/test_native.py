@@ -135,15 +135,21 @@ def test_falls_back_with_a_reason(fresh, monkeypatch) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ attention
-@pytest.fixture
-def attend():
+KERNELS = {"bf16": ("attention_bf16", torch.bfloat16, 0.03, "AVX512-BF16"),
+           "f32": ("attention_f32", torch.float32, 1e-5, "AVX2")}
+
+
+@pytest.fixture(params=list(KERNELS))
+def attend(request):
+    """(kernel, dtype, tolerance vs fp32 SDPA) for each C attention kernel this CPU can run."""
+    name, dtype, tol, isa = KERNELS[request.param]
     if native._compiler() is None:
         pytest.skip("no C compiler")
-    f = native.attention_bf16()
-    if f is None and "AVX512-BF16" in native.reasons["attention_bf16"]:
-        pytest.skip(native.reasons["attention_bf16"])
-    assert f is not None, native.reasons["attention_bf16"]
-    return f
+    f = getattr(native, name)()
+    if f is None and isa in native.reasons[name]:
+        pytest.skip(native.reasons[name])
+    assert f is not None, native.reasons[name]
+    return f, dtype, tol
 
 
 @pytest.mark.parametrize("B,H,Hkv,T,start", [(1, 9, 3, 300, 0), (2, 4, 4, 130, 0), (3, 8, 2, 70, 37),
@@ -151,43 +157,53 @@ def attend():
 def test_attention_matches_masked_sdpa(attend, B, H, Hkv, T, start):
     import torch.nn.functional as F
 
+    fn, dtype, tol = attend
     g = torch.Generator().manual_seed(T + start)
     L = start + T
     q = torch.randn(B, T, H, 64, generator=g).transpose(1, 2)  # (B, H, T, D), non-contiguous like the model's
     k, v = torch.randn(2, B, Hkv, L + 7, 64, generator=g)       # a cache longer than needed
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     mask = torch.arange(L)[None, :] <= torch.arange(start, L)[:, None]
-    ref = F.scaled_dot_product_attention(q, k[:, :, :L], v[:, :, :L], attn_mask=mask, enable_gqa=True)
-    got = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), start)
-    assert got.shape == (B, T, H, 64) and got.is_contiguous()
-    assert (got.float() - ref.transpose(1, 2)).abs().max().item() < 0.03
+    ref = F.scaled_dot_product_attention(q.float(), k[:, :, :L].float(), v[:, :, :L].float(), attn_mask=mask,
+                                         enable_gqa=True)
+    got = fn(q, k, v, start)
+    assert got.shape == (B, T, H, 64) and got.is_contiguous() and got.dtype == dtype
+    assert (got.float() - ref.transpose(1, 2)).abs().max().item() < tol
 
 
 def test_attention_reads_strided_keys_and_declines_what_it_cannot_do(attend):
+    fn, dtype, _ = attend
     g = torch.Generator().manual_seed(0)
-    qkv = torch.randn(1, 40, 4 + 2 * 2, 64, generator=g).bfloat16()   # the fused projection's layout
+    qkv = torch.randn(1, 40, 4 + 2 * 2, 64, generator=g).to(dtype)     # the fused projection's layout
     q, k, v = (qkv[:, :, a:b].transpose(1, 2) for a, b in ((0, 4), (4, 6), (6, 8)))
-    got = attend(q, k, v, 0)
-    want = attend(q.contiguous(), k.contiguous(), v.contiguous(), 0)
+    got = fn(q, k, v, 0)
+    want = fn(q.contiguous(), k.contiguous(), v.contiguous(), 0)
     assert torch.equal(got, want)
-    assert attend(q.float(), k.float(), v.float(), 0) is None              # not bf16
-    assert attend(q[..., :32], k[..., :32], v[..., :32], 0) is None        # head_dim 32
-    assert attend(q, k[:, :, :30], v[:, :, :30], 0) is None                # cache shorter than the positions
+    other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
+    assert fn(q.to(other), k.to(other), v.to(other), 0) is None           # not its dtype
+    assert fn(q[..., :32], k[..., :32], v[..., :32], 0) is None            # head_dim 32
+    assert fn(q, k[:, :, :30], v[:, :, :30], 0) is None                    # cache shorter than the positions
 
 
 def test_model_prefill_uses_it_and_stays_close_to_the_torch_path(attend, monkeypatch):
     from edgellm import model
 
+    fn, dtype, tol = attend
+    name = "attention_bf16" if dtype == torch.bfloat16 else "attention_f32"
     calls = []
-    monkeypatch.setattr(native, "attention_bf16", lambda: lambda *a: calls.append(1) or attend(*a))
+    monkeypatch.setattr(native, name, lambda: lambda *a: calls.append(1) or fn(*a))
     g = torch.Generator().manual_seed(1)
-    q = torch.randn(1, 9, 200, 64, generator=g).bfloat16()
-    k, v = torch.randn(2, 1, 3, 256, 64, generator=g).bfloat16()
+    q = torch.randn(1, 9, 200, 64, generator=g).to(dtype)
+    k, v = torch.randn(2, 1, 3, 256, 64, generator=g).to(dtype)
     fast = model.causal_attention(q, k, v, 0)
-    assert calls
-    monkeypatch.setattr(native, "attention_bf16", lambda: None)
+    assert calls and fast.shape == (1, 200, 9, 64)
+    monkeypatch.setattr(native, name, lambda: None)
     slow = model.causal_attention(q, k, v, 0)
-    assert fast.shape == slow.shape == (1, 200, 9, 64)
-    assert (fast.float() - slow.float()).abs().max().item() < 0.03
+    if dtype == torch.float32:
+        assert slow is None  # the model's SDPA call takes over
+        slow = torch.nn.functional.scaled_dot_product_attention(q, k[:, :, :200], v[:, :, :200], is_causal=True,
+                                                                enable_gqa=True).transpose(1, 2)
+    assert (fast.float() - slow.float()).abs().max().item() < tol
 
 
 def test_attention_falls_back_with_a_reason(fresh, monkeypatch):

@@ -1,12 +1,14 @@
-"""Our two C kernels (`csrc/`), built on first use and called through ctypes, each with a torch fallback:
+"""Our C kernels (`csrc/`), built on first use and called through ctypes, each with a torch fallback:
 
 - `dequant_int4.c`: torch's packed int4 layout -> transposed bf16 weight, for int4 prefill (quant/linear.py).
 - `attention_bf16.c`: causal attention for bf16 prefill with AVX512-BF16 dot products (model.py).
+- `attention_f32.c`: the same for fp32 prefill with AVX2 + FMA (CPUs without native bf16).
 
 Each is compiled with the system C compiler (`$CC`, else cc/gcc/clang; `-O3 -march=native -fopenmp`, ~0.3 s),
 cached in `~/.cache/edgellm/native/` under a hash of the source, compiler, flags and CPU, and checked against
 a torch reference before it is used. Without a compiler, or if any of that fails, the accessor returns None
-(the reason is in `reasons[name]`) and callers keep the torch path. `EDGELLM_NATIVE=0` turns both off.
+(the reason is in `reasons[name]`) and callers keep the torch path. `EDGELLM_NATIVE=0` turns all off.
+(qmatmul.c, the int8-activation kernel, is built with its torch operator by `load_torch_op`: kernels/blockq.py.)
 Their OpenMP threads are torch's: the libraries link `libgomp.so.1`, which torch has already loaded.
 """
 
@@ -29,7 +31,7 @@ from . import cpu
 
 CSRC = Path(__file__).with_name("csrc")
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
-BASELINE_KERNELS = {"qmatmul"}
+BASELINE_KERNELS = {"qmatmul", "attention_f32"}
 # why a kernel is off, by name ("" once it is on)
 reasons: dict[str, str] = {}
 
@@ -249,17 +251,17 @@ Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], "torch.Ten
 ATTENTION_HEAD_DIM = 64
 
 
-def _wrap_attention(fn: ctypes._CFuncPtr) -> Attention:
+def _wrap_attention(fn: ctypes._CFuncPtr, dtype: torch.dtype) -> Attention:
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor | None:
         """Causal attention of q (B, H, T, 64) at positions start.. over k, v (B, Hkv, >= start+T, 64) whose
-        slot j holds position j, all bf16 with unit stride along the head dim (any other strides) ->
+        slot j holds position j, all `dtype` with unit stride along the head dim (any other strides) ->
         (B, T, H, 64) contiguous. None if the kernel declined (shape, or out of memory)."""
         B, H, T, D = q.shape
         Hkv = k.shape[1]
         if (D != ATTENTION_HEAD_DIM or H % Hkv or k.shape[2] < start + T or v.shape[:3] != k.shape[:3]
-                or any(t.dtype != torch.bfloat16 or t.stride(-1) != 1 for t in (q, k, v))):
+                or any(t.dtype != dtype or t.stride(-1) != 1 for t in (q, k, v))):
             return None
-        out = torch.empty(B, T, H, D, dtype=torch.bfloat16)
+        out = torch.empty(B, T, H, D, dtype=dtype)
         rc = fn(q.data_ptr(), *q.stride()[:3], k.data_ptr(), *k.stride()[:3], v.data_ptr(), *v.stride()[:3],
                 out.data_ptr(), B, H, Hkv, T, start, D, D ** -0.5, torch.get_num_threads())
         return out if rc == 0 else None
@@ -275,30 +277,40 @@ def _attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, star
     return y.transpose(1, 2)
 
 
-def _attention_self_check(attend: Attention) -> bool:
+def _attention_self_check(attend: Attention, dtype: torch.dtype) -> bool:
     """Against fp32 SDPA: strided q, a longer cache, a cached prefix, GQA and plain heads, odd lengths."""
     g = torch.Generator().manual_seed(4)
+    tol = 0.03 if dtype == torch.bfloat16 else 1e-4
     for B, H, Hkv, T, start in ((1, 6, 2, 37, 0), (2, 4, 4, 21, 11)):
-        q = torch.randn(B, T, H, 64, generator=g).to(torch.bfloat16).transpose(1, 2)
-        k, v = torch.randn(2, B, Hkv, start + T + 3, 64, generator=g).to(torch.bfloat16)
+        q = torch.randn(B, T, H, 64, generator=g).to(dtype).transpose(1, 2)
+        k, v = torch.randn(2, B, Hkv, start + T + 3, 64, generator=g).to(dtype)
         got = attend(q, k, v, start)
-        if got is None or (got.float() - _attention_reference(q, k, v, start)).abs().max().item() > 0.03:
+        if got is None or (got.float() - _attention_reference(q, k, v, start)).abs().max().item() > tol:
             return False
     return True
 
 
-@functools.cache
-def attention_bf16() -> Attention | None:
-    """The C attention kernel, or None (the reason is in `reasons["attention_bf16"]`)."""
-    name = "attention_bf16"
-    fns = _functions(name, "edgellm_attention_available", "edgellm_attention_bf16")
+def _attention_kernel(name: str, level: str, dtype: torch.dtype) -> Attention | None:
+    fns = _functions(name, "edgellm_attention_available", f"edgellm_{name}")
     if fns is None:
         return None
     available, fn = fns
-    if available() != 1 or not cpu.has("avx512_bf16"):
-        reasons[name] = "this CPU or compiler has no AVX512-BF16"
+    if available() != 1 or not cpu.has(level):
+        reasons[name] = f"this CPU or compiler has no {level.upper().replace('_', '-')}"
         return None
     fn.restype = ctypes.c_int
     fn.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 3) * 3 + [ctypes.c_void_p] + [ctypes.c_int64] * 6 + \
         [ctypes.c_float, ctypes.c_int]
-    return _verified(name, _wrap_attention(fn), _attention_self_check)
+    return _verified(name, _wrap_attention(fn, dtype), functools.partial(_attention_self_check, dtype=dtype))
+
+
+@functools.cache
+def attention_bf16() -> Attention | None:
+    """The bf16 C attention kernel (AVX512-BF16), or None (the reason is in `reasons["attention_bf16"]`)."""
+    return _attention_kernel("attention_bf16", "avx512_bf16", torch.bfloat16)
+
+
+@functools.cache
+def attention_f32() -> Attention | None:
+    """The fp32 C attention kernel (AVX2 + FMA), or None (the reason is in `reasons["attention_f32"]`)."""
+    return _attention_kernel("attention_f32", "avx2", torch.float32)
