@@ -136,10 +136,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from .info import info_report
     from .kernels import cpu
-    from .report import markdown_table
     from .loading import resolve
     from .loading.gguf_file import GGUFCheckpoint
     from .loading.hf_folder import config_from_hf_file
+    from .report import markdown_table
 
     if args.context < 1:
         raise InvalidArgumentError(f"--context must be >= 1 (got {args.context})")
