@@ -64,3 +64,26 @@ def test_bf16_is_close_to_fp32(ours, default_gguf):
     # bf16 keeps the ranking: same top-1 at most positions and a small relative error
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.8
     assert ((a - b).norm() / a.norm()).item() < 0.05
+
+
+@torch.no_grad()
+def test_default_settings_follow_the_dequantized_model(default_gguf):
+    """`--dtype auto` keeps the GGUF's Q4_1/Q8_0 blocks and decodes with int8 activations: its greedy answers to
+    the demo prompts equal those of the same model with dequantized weights (same activation dtype), or first
+    differ where the reference's top two logits are within 0.5 (a near-tie that rounding may flip)."""
+    from edgellm.cli import DEMO_PROMPTS
+    from edgellm.generate import SamplingParams
+    from edgellm.kernels.blocklinear import BlockQLinear
+
+    auto = edgellm.load(default_gguf)
+    assert sum(isinstance(m, BlockQLinear) for m in auto.model.modules()) == 30 * 4 + 1
+    ref = edgellm.load(default_gguf, dtype=auto.dtype)
+    p = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    for prompt in DEMO_PROMPTS:
+        ids = auto.chat_prompt_ids([{"role": "user", "content": prompt}])
+        got = list(auto.generator.token_stream(ids, p))
+        want = list(ref.generator.token_stream(ids, p))
+        if got != want:
+            i = next(i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b)
+            top2 = ref.logits(ids + want[:i])[-1].topk(2).values
+            assert (top2[0] - top2[1]).item() <= 0.5, (prompt, i, auto.tokenizer.decode(got), top2)

@@ -21,7 +21,7 @@ def test_levels_follow_the_flags(monkeypatch):
         assert cpu.best() == "avx2" and not cpu.native_bf16() and cpu.int8_dot_isa() == 0
         assert cpu.auto_dtype() == "fp32"
         assert "forced by EDGELLM_ISA=avx2" in cpu.summary()
-        assert "AVX2 maddubs" in cpu.paths()["4/8-bit decode"] and "torch (fp32)" in cpu.paths()["prefill attention"]
+        assert "AVX2 maddubs" in cpu.paths()["4/8-bit decode"] and "AVX2 fp32" in cpu.paths()["prefill attention"]
         cpu.detected.cache_clear()
         monkeypatch.setattr(cpu, "cpu_flags", lambda: "flags : avx2 fma f16c avx_vnni")  # an Intel Core laptop
         monkeypatch.delenv("EDGELLM_ISA")
@@ -30,6 +30,7 @@ def test_levels_follow_the_flags(monkeypatch):
         monkeypatch.setattr(cpu, "cpu_flags", lambda: "flags : sse2 avx")               # no AVX2: torch paths
         assert cpu.best() == "none" and cpu.int8_dot_isa() is None
         assert cpu.paths()["4/8-bit decode"].startswith("torch")
+        assert cpu.paths()["prefill attention"] == "torch (fp32)"
     finally:
         cpu.detected.cache_clear()
 

@@ -91,14 +91,17 @@ def fresh(monkeypatch, tmp_path):
     monkeypatch.setenv("EDGELLM_CACHE", str(tmp_path))
     native.int4_dequantizer.cache_clear()
     native.attention_bf16.cache_clear()
+    native.attention_f32.cache_clear()
     yield tmp_path
     native.int4_dequantizer.cache_clear()
     native.attention_bf16.cache_clear()
+    native.attention_f32.cache_clear()
 
 
-def test_builds_once_then_reuses_the_cached_library(dequant_t, fresh, monkeypatch) -> None:
+def test_builds_once_then_reuses_the_cached_library(dequant_t, fresh, monkeypatch, capsys) -> None:
     assert native.int4_dequantizer() is not None
     assert len(list((fresh / "native").glob("dequant_int4-*.so"))) == 1
+    assert "edgellm: building the dequant_int4 C kernel for this CPU (once per machine" in capsys.readouterr().err
     native.int4_dequantizer.cache_clear()
 
     def no_compiler(*a, **k):
@@ -106,6 +109,7 @@ def test_builds_once_then_reuses_the_cached_library(dequant_t, fresh, monkeypatc
 
     monkeypatch.setattr(subprocess, "run", no_compiler)
     assert native.int4_dequantizer() is not None
+    assert capsys.readouterr().err == ""  # no notice when nothing is built
 
 
 def test_falls_back_with_a_reason(fresh, monkeypatch) -> None:

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import cpu
 from ..model import DecoderLayer, Transformer
 from .convert import ScaledLinear
 from .pergroup import fake_quantize, fake_quantize_groups, grouped
@@ -52,7 +53,8 @@ class AWQOptions:
     lm_head_search: bool = True   # AWQ+: also search norm -> lm_head scales and lm_head clipping
     head_samples: int = 2         # sequences whose logits score the lm_head search
     batch: int = 8                # sequences per forward batch
-    compute_dtype: str = "bf16"   # block forward passes; weights and searches stay fp32
+    compute_dtype: str = "auto"   # block forward passes (auto: bf16 with native bf16, else fp32, as --dtype auto);
+    #                               weights and searches stay fp32
 
 
 @dataclass
@@ -121,7 +123,8 @@ class AWQ:
                  progress: ProgressFn | None = None) -> None:
         self.model, self.spec = model, spec
         self.opt = options or AWQOptions()
-        self.cdtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[self.opt.compute_dtype]
+        compute = cpu.auto_dtype() if self.opt.compute_dtype == "auto" else self.opt.compute_dtype
+        self.cdtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[compute]
         self.cache_dir = cache_dir
         self.log, self.progress = log, progress
         cfg = model.config
@@ -192,7 +195,7 @@ class AWQ:
         h = hashlib.sha256()
         spec = {k: getattr(self.spec, k) for k in ("w_bit", "group_size", "sym")}  # AWQ and AWQ+ share a search
         layer_opts = {k: v for k, v in asdict(self.opt).items()  # what changes per-layer results
-                      if k not in ("batch", "lm_head_search", "head_samples")}
+                      if k not in ("batch", "lm_head_search", "head_samples")} | {"compute_dtype": str(self.cdtype)}
         h.update(json.dumps({"config": self.model.config.to_dict(), "spec": spec, "opt": layer_opts},
                             sort_keys=True, default=str).encode())
         h.update(calib_ids.numpy().tobytes())
