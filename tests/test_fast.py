@@ -77,7 +77,7 @@ def test_compiled_step_matches_eager(tiny_checkpoints, tmp_path, monkeypatch, ca
     ref, got = decode_both(llm, ids, 40, cache_len=64, step_fn=fast.step)
     assert (ref - got).abs().max().item() <= 1e-4
     assert fast.compile_s > 0 and fast.note == ""  # the AOT path, not the torch.compile fallback
-    assert "edgellm: compiling the decode step for a 64-token cache (once per machine" in capsys.readouterr().err
+    assert "edgellm: compiling the decode step for a 16-token cache (once per machine" in capsys.readouterr().err
     assert _isa_marker().read_text() == _machine_id()
     assert len(list((tmp_path / "steps").glob("decode-*.bin"))) == 1
 
