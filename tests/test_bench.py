@@ -7,7 +7,7 @@ import json
 import pytest
 
 from edgellm import cli
-from edgellm.bench import TIMING_HEADERS, benchmark_text, prompt_of_length
+from edgellm.bench import TIMING_HEADERS, benchmark_text, leading_ids, prompt_of_length
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: 1 thread, restored after the module
 
@@ -76,6 +76,29 @@ def test_prompts_are_cut_from_real_text():
     with pytest.raises(ValueError):
         prompt_of_length(ids, 200)
     assert len(text) > 10_000
+
+
+def test_prompt_ids_come_from_a_prefix_and_equal_the_whole_texts(default_gguf):
+    """The bench tokenizes only as much text as its prompts need (the whole of WikiText-2 test cost ~180 MB
+    of peak RSS), and gets the same ids as tokenizing everything."""
+    from edgellm.tokenizer import Tokenizer
+
+    tok = _default_tokenizer(default_gguf)
+    text = benchmark_text()[:200_000]
+    whole = tok.encode(text)
+    for need in (16, 1512, 5512):
+        part = leading_ids(tok, text, need)
+        assert len(part) >= need and part[:need] == whole[:need]
+        assert len(part) < len(whole)                                 # really only a prefix
+    assert leading_ids(tok, "short text\nof two lines", 1000) == tok.encode("short text\nof two lines")
+    assert isinstance(tok, Tokenizer)
+
+
+def _default_tokenizer(path):
+    from edgellm.loading.gguf_file import GGUFCheckpoint
+    from edgellm.tokenizer import Tokenizer
+
+    return Tokenizer.from_gguf_metadata(GGUFCheckpoint(path).metadata)
 
 
 class FakeSession:
