@@ -114,7 +114,7 @@ def _build_torch_op(cc: str, name: str) -> Path:
     if lib.exists():
         return lib
     lib.parent.mkdir(parents=True, exist_ok=True)
-    notice(f"building the {name} C kernel for this CPU (once per machine, ~2 s)")
+    notice(f"building the {name} C kernel and its torch operator for this CPU (once per machine, a few seconds)")
     with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
         obj, tmp_lib = Path(tmp) / f"{name}.o", Path(tmp) / lib.name
         for cmd in ([cc, *flags, "-fPIC", "-c", str(c_src), "-o", str(obj)],
