@@ -147,7 +147,7 @@ class CompiledDecoder:
         inductor_config.cpp_wrapper = True
         # The C++ wrapper (one call per op: ~300 KB of C++ for the default model) builds at -O1 apart from the
         # fused kernels (-O3): g++ time for the first step drops from ~63 s to ~10 s on 2 cores, decode speed is
-        # unchanged. Precompiled headers cost ~11 s per machine (in /tmp) and saved ~1 s per build: off.
+        # unchanged. Precompiled headers cost ~11 s per machine (in /tmp) and did not speed the build up: off.
         inductor_config.cpp_wrapper_build_separate = True
         inductor_config.cpp_cache_precompile_headers = False
         inductor_config.fx_graph_cache = True

@@ -91,10 +91,10 @@ def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
     """A per-thread buffer for dequantized weight chunks, reused by every layer: a fresh multi-MB tensor per
     product would cost page faults on every prefill (the GEMM reads the chunk right after it is written, so one
     buffer per thread is enough; threads never share one)."""
-    buf = getattr(_local, "bufs", {}).get(dtype)
+    bufs = _local.__dict__.setdefault("bufs", {})
+    buf = bufs.get(dtype)
     if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=dtype)
-        _local.bufs = {**getattr(_local, "bufs", {}), dtype: buf}
+        buf = bufs[dtype] = torch.empty(numel, dtype=dtype)
     return buf
 
 

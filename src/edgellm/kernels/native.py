@@ -87,14 +87,20 @@ def _build(cc: str, name: str) -> Path:
         notice(f"building the {name} C kernel for this CPU (once per machine, ~1 s)")
         with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
             tmp_lib = Path(tmp) / lib.name
-            r = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", str(tmp_lib), str(source), "-lm"],
-                               capture_output=True, text=True)
-            if r.returncode == 0:
+            error = _run([cc, *flags, "-shared", "-fPIC", "-o", str(tmp_lib), str(source), "-lm"])
+            if error is None:
                 os.replace(tmp_lib, lib)  # atomic: a concurrent process sees a whole file or none
                 return lib
-            last = r.stderr.strip().splitlines()[-1:] or [f"exit status {r.returncode}"]
-            errors.append(f"{cc} {' '.join(flags)}: {last[0]}")
+            errors.append(f"{cc} {' '.join(flags)}: {error}")
     raise RuntimeError("; ".join(errors))
+
+
+def _run(cmd: list[str]) -> str | None:
+    """Run a compiler command: None on success, else the last line it printed (or its exit status)."""
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode == 0:
+        return None
+    return (r.stderr.strip().splitlines()[-1:] or [f"exit status {r.returncode}"])[0]
 
 
 def _build_torch_op(cc: str, name: str) -> Path:
@@ -121,10 +127,9 @@ def _build_torch_op(cc: str, name: str) -> Path:
                     [cxx, "-std=c++17", "-O2", "-fPIC", "-shared", f"-I{torch_dir / 'include'}", str(op_src),
                      str(obj), "-o", str(tmp_lib), "-fopenmp", f"-L{torch_dir / 'lib'}", "-ltorch_cpu", "-lc10",
                      f"-Wl,-rpath,{torch_dir / 'lib'}"]):
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0:
-                last = r.stderr.strip().splitlines()[-1:] or [f"exit status {r.returncode}"]
-                raise RuntimeError(f"{Path(cmd[0]).name}: {last[0]}")
+            error = _run(cmd)
+            if error is not None:
+                raise RuntimeError(f"{Path(cmd[0]).name}: {error}")
         os.replace(tmp_lib, lib)
     return lib
 

@@ -283,8 +283,8 @@ class GGUFCheckpoint:
         """Our state-dict entries in `dtype`; with keep_quantized, 2-D Q4_0/Q4_1/Q8_0 weights come as BlockWeight."""
         cfg = self.config
 
-        def get(name: str, heads: int | None = None) -> torch.Tensor | BlockWeight:
-            return self._weight([(name, heads)], dtype, keep_quantized)
+        def get(name: str) -> torch.Tensor | BlockWeight:
+            return fused([(name, None)])
 
         def fused(parts: list[tuple[str, int | None]]) -> torch.Tensor | BlockWeight:
             return self._weight(parts, dtype, keep_quantized)

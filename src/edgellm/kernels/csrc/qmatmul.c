@@ -28,8 +28,9 @@
 
 #define QK 32
 #define R 4
-/* Software prefetch distance in bytes of the weight stream: decode reads each weight once from DRAM, and the
- * hardware prefetcher alone leaves small matrices (a few hundred KB per thread) short of full bandwidth. */
+/* Software prefetch distance in bytes of the weight stream: decode reads each weight once from DRAM. Measured
+ * on the 2-vCPU Zen 5 VM (AVX512-VNNI variant, the default model's 121 products per token, 40 interleaved
+ * rounds, four runs): median 3.78-4.61 ms with it against 3.75-4.82 ms without: a few % in three runs of four. */
 #ifndef PREFETCH
 #define PREFETCH 1024
 #endif
@@ -181,10 +182,6 @@ Q4_GROUP(q4_group_avx512vnni, DOT2_AVX512VNNI, __attribute__((target("avx512vnni
 Q8_GROUP(q8_group_avx2, DOT_AVX2, )
 Q8_GROUP(q8_group_avxvnni, DOT_AVXVNNI, __attribute__((target("avxvnni"))))
 Q8_GROUP(q8_group_avx512vnni, DOT_AVX512VNNI, __attribute__((target("avx512vnni,avx512vl"))))
-
-/* Which instruction sets this build can run (bit i = isa i), so Python never picks a variant the compiler
- * could not emit. */
-int edgellm_qmatmul_isas(void) { return 1 | 2 | 4; }
 
 /* y (M, N) = x (M, K) @ W^T for W in the Q4 (bits 4) or Q8 (bits 8) layout above; K % 32 == 0, N_pad = N
  * rounded up to 4. x and y are fp32 or bf16. Returns 0, or -1 if out of memory. */
