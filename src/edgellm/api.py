@@ -14,6 +14,7 @@ from .errors import ContextLengthError, InvalidArgumentError
 from .generate import GenerationStats, Generator, SamplingParams
 from .loading import LoadedModel, load_model
 from .model import Transformer
+from .speculative import Speculator, build_speculator, check_k
 from .tokenizer import Tokenizer
 
 Messages = list[dict[str, Any]]
@@ -22,12 +23,13 @@ Messages = list[dict[str, Any]]
 class LLM:
     """A loaded model with its tokenizer. Create with `edgellm.load()`."""
 
-    def __init__(self, loaded: LoadedModel, compile: bool = False) -> None:
+    def __init__(self, loaded: LoadedModel, compile: bool = False, speculator: Speculator | None = None) -> None:
         self.loaded = loaded
         self.model: Transformer = loaded.model
         self.tokenizer: Tokenizer = loaded.tokenizer
         self.config: ModelConfig = loaded.config
-        self.generator = Generator(self.model, self.tokenizer, self.config.max_seq_len, compile=compile)
+        self.generator = Generator(self.model, self.tokenizer, self.config.max_seq_len, compile=compile,
+                                   speculator=speculator)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -105,9 +107,25 @@ class LLM:
 
 
 def load(model: str | Path | None = None, dtype: str | torch.dtype = "auto", rope_type: str | None = None,
-         compile: bool = False, keep_quantized: bool | None = None) -> LLM:
+         compile: bool = False, keep_quantized: bool | None = None, speculative: str | None = None,
+         draft_model: str | Path | None = None, draft_k: int | None = None) -> LLM:
     """Load a model: None (bundled SmolLM2-135M-Instruct), a .gguf file, an HF folder or a hub id.
 
     compile=True runs decoding through a torch.compile'd step (the CLI's default; first use compiles,
-    later processes reuse the on-disk cache, and it falls back to eager when no C++ compiler exists)."""
-    return LLM(load_model(model, dtype=dtype, rope_type=rope_type, keep_quantized=keep_quantized), compile=compile)
+    later processes reuse the on-disk cache, and it falls back to eager when no C++ compiler exists).
+
+    speculative: "lookup" (prompt n-gram lookup), "self" (the checkpoint's 4-bit weights draft for this
+    higher-precision model: with dtype "auto" a GGUF's blocks are then dequantized for the target), or "draft"
+    (`draft_model`, same tokenizer); draft_k: tokens per draft, None = adaptive. See edgellm/speculative.py."""
+    if speculative is not None:
+        check_k(draft_k)
+        if speculative == "self" and keep_quantized is None:
+            keep_quantized = False
+    loaded = load_model(model, dtype=dtype, rope_type=rope_type, keep_quantized=keep_quantized)
+    speculator = None
+    if speculative is not None:
+        speculator = build_speculator(speculative, loaded, k=draft_k, draft_model=draft_model, draft_dtype="auto",
+                                      compile=compile)
+    elif draft_model is not None or draft_k is not None:
+        raise InvalidArgumentError("draft_model / draft_k need speculative= (lookup, self or draft)")
+    return LLM(loaded, compile=compile, speculator=speculator)

@@ -112,6 +112,13 @@ def _decode(model: Transformer, token: torch.Tensor, pos: torch.Tensor) -> torch
     return model.decode_step(token, pos)
 
 
+def _verify(model: Transformer, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    return model.verify_step(tokens, pos)
+
+
+VERIFY_SIZES = (4, 8, 17)  # speculative verification compiles for these token counts; shorter drafts are padded
+
+
 def _serializable_guards(entries: list) -> list[bool]:
     """Keep only guards an AOT artifact can hold and that stay valid across processes (no tensor matches:
     the fingerprint covers shapes and dtypes)."""
@@ -126,17 +133,23 @@ def bucket(length: int) -> int:
 
 
 class CompiledDecoder:
-    """Wraps one model's decode step; `self.step(token (B,1), pos (1,)) -> logits (B, V)`.
+    """Wraps one model's decode step; `self.step(token (B,1), pos (1,)) -> logits (B, V)`, and its verify step
+    for speculative decoding; `self.verify(tokens (B,T), pos (T,)) -> logits (B, T, V)`.
 
     `compile_s` accumulates first-call (compile or cache-load) time, so callers can report it.
     """
 
-    def __init__(self, model: Transformer) -> None:
+    def __init__(self, model: Transformer, exact: bool = False) -> None:
         self.model = model
+        # exact: round every bf16/fp16 intermediate where eager PyTorch rounds it (inductor's
+        # emulate_precision_casts), so the compiled steps equal eager decode_step bit for bit and a T-token
+        # verify step equals T one-token steps; speculative decoding's greedy identity rests on it. Off for plain
+        # decoding: inductor then keeps some fused intermediates in fp32, measured ~10-25 % faster decode.
+        self.exact = exact and model.dtype in (torch.bfloat16, torch.float16)
         self.compile_s = 0.0
         self.note = ""
         self.enabled = False  # False: eager decode_step (no compiler, or compiling failed)
-        self._fns: dict[tuple, Callable] = {}  # (batch, cache slots, dtype) -> compiled step
+        self._fns: dict[tuple, Callable] = {}  # (kind, batch, tokens, cache slots, dtype) -> compiled step
         reason = compiler_available()
         if reason is not None:
             self.note = f"compiled decode unavailable ({reason}); using eager PyTorch"
@@ -173,10 +186,13 @@ class CompiledDecoder:
                 with contextlib.suppress(OSError):  # a read-only cache is fine
                     os.utime(path)  # "last used", for prune_steps
         if fn is None:
-            notice(f"compiling the decode step for a {key[1]}-token cache (once per machine and cache size; "
+            what = "decode step" if key[0] == "decode" else f"{key[2]}-token verify step (speculative decoding)"
+            what = what + " (exact bf16 rounding)" if self.exact else what
+            notice(f"compiling the {what} for a {key[3]}-token cache (once per machine and cache size; "
                    f"~30-60 s on 2 cores; saved in {steps_dir()})")
-            opts = {"guard_filter_fn": _serializable_guards}
-            fn = torch.compile(_decode, fullgraph=True, dynamic=False, options=opts).aot_compile(
+            opts = {"guard_filter_fn": _serializable_guards, "emulate_precision_casts": self.exact}
+            traced = _decode if key[0] == "decode" else _verify
+            fn = torch.compile(traced, fullgraph=True, dynamic=False, options=opts).aot_compile(
                 ((self.model, token, pos), {}))
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
             try:
@@ -191,20 +207,37 @@ class CompiledDecoder:
         model = self.model
         return lambda t, p: fn(model, t, p)
 
-    def _compile_jit(self) -> Callable:
-        # Fallback when the AOT path fails. A fresh copy of decode_step's code object per cache shape: dynamo
-        # keeps compiled entries per code object and checks them one after another on every call, so with one
-        # shared code object each extra bucket adds a failing guard check to every step, and the 9th bucket
-        # would hit dynamo's recompile limit (8) and silently run eager.
-        fn = types.FunctionType(Transformer.decode_step.__code__.replace(), Transformer.decode_step.__globals__,
-                                "decode_step")
-        return torch.compile(types.MethodType(fn, self.model), fullgraph=True, dynamic=False)
+    def _compile_jit(self, method: Callable) -> Callable:
+        # Fallback when the AOT path fails. A fresh copy of the step's code object per shape: dynamo keeps
+        # compiled entries per code object and checks them one after another on every call, so with one shared
+        # code object each extra bucket adds a failing guard check to every step, and the 9th bucket would hit
+        # dynamo's recompile limit (8) and silently run eager.
+        fn = types.FunctionType(method.__code__.replace(), method.__globals__, method.__name__)
+        return torch.compile(types.MethodType(fn, self.model), fullgraph=True, dynamic=False,
+                             options={"emulate_precision_casts": self.exact})
 
     def step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self._run("decode", token, pos)
+
+    def verify(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Logits of T consecutive tokens. Compiled for the VERIFY_SIZES only: a shorter input is padded (the
+        pad tokens' cache writes land after the real ones, where attention masks them and the next call writes
+        over them), so the cache needs VERIFY_SIZES[-1] - 1 spare slots; longer inputs run eager."""
+        T = tokens.shape[1]
+        size = next((n for n in VERIFY_SIZES if n >= T), None)
+        if size is None or not self.enabled:
+            return self.model.verify_step(tokens, pos)
+        if size > T:
+            tokens = torch.cat([tokens, tokens[:, -1:].expand(-1, size - T)], dim=1)
+            pos = torch.arange(int(pos[0]), int(pos[0]) + size)
+        return self._run("verify", tokens, pos)[:, :T]
+
+    def _run(self, kind: str, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        method = Transformer.decode_step if kind == "decode" else Transformer.verify_step
         if not self.enabled:
-            return self.model.decode_step(token, pos)
+            return method(self.model, token, pos)
         cache = self.model.layers[0].self_attn.cache
-        key = (token.shape[0], cache.k.shape[2], cache.k.dtype)
+        key = (kind, token.shape[0], token.shape[1], cache.k.shape[2], cache.k.dtype, self.exact)
         fn = self._fns.get(key)
         if fn is not None:
             return fn(token, pos)
@@ -215,13 +248,13 @@ class CompiledDecoder:
                 out = fn(token, pos)
             except Exception as e:  # the AOT path is experimental in torch: fall back to plain torch.compile
                 self.note = f"AOT-compiled step unavailable ({type(e).__name__}); compiled with torch.compile"
-                fn = self._compile_jit()
+                fn = self._compile_jit(method)
                 out = fn(token, pos)
         except Exception as e:  # a broken toolchain must not break generation
             self.enabled = False
             self.note = f"compiled decode failed ({type(e).__name__}); using eager PyTorch"
             print(f"edgellm: {self.note}", file=sys.stderr)
-            return self.model.decode_step(token, pos)
+            return method(self.model, token, pos)
         self.compile_s += time.perf_counter() - t0
         self._fns[key] = fn
         if not self._isa_trusted:  # missing, or written for another CPU / compiler / torch

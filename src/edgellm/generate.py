@@ -82,6 +82,13 @@ class GenerationStats:
     time_per_token_ms: float = 0.0
     tokens_per_s: float = 0.0
     finish_reason: str = ""  # "eos" | "length" | "stop"
+    # speculative decoding (edgellm/speculative.py); zeros without it
+    speculative: str = ""        # the method: "lookup" | "self" | "draft"
+    drafted: int = 0             # tokens proposed by the drafter
+    accepted: int = 0            # ... of which the target kept
+    rounds: int = 0              # verification forwards that checked at least one drafted token
+    acceptance_rate: float = 0.0  # accepted / drafted
+    mean_accepted: float = 0.0   # accepted tokens per round (each round also yields one token of the target's)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,21 +133,27 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Genera
 class Generator:
     """Runs one prompt at a time through prefill and token-by-token decode."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_context: int, compile: bool = False) -> None:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_context: int, compile: bool = False,
+                 speculator: Any = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_context = max_context
         self.stats = GenerationStats()
+        self.speculator = speculator  # a speculative.Speculator, or None for one token per forward
         self.compiled = None
+        self.verifier = None  # speculation's target steps: compiled with eager's exact bf16 rounding
         if compile:
             from .fast import CompiledDecoder
 
             self.compiled = CompiledDecoder(model)
+            if speculator is not None:
+                self.verifier = CompiledDecoder(model, exact=True) if self.compiled.enabled else None
 
     @property
     def compile_s(self) -> float:
-        """Seconds spent compiling (or loading cached compiled code for) the decode step so far."""
-        return self.compiled.compile_s if self.compiled is not None else 0.0
+        """Seconds spent compiling (or loading cached compiled code for) the decode steps so far."""
+        steps = (self.compiled, self.verifier, getattr(self.speculator and self.speculator.drafter, "compiled", None))
+        return sum(c.compile_s for c in steps if c is not None)
 
     @property
     def note(self) -> str:
@@ -159,24 +172,31 @@ class Generator:
                 f"of {self.max_context}; lower max_new_tokens to {self.max_context - prompt_len} or less"
             )
 
-    @torch.inference_mode()
+    def cache_len_for(self, needed: int) -> int:
+        """KV-cache slots for a generation that ends at position `needed`."""
+        if self.compiled is None:
+            return needed
+        from .fast import bucket
+
+        # Fixed cache sizes so the compiled step sees a handful of shapes, never one per prompt.
+        return min(bucket(needed), max(self.max_context, needed))
+
     def token_stream(self, prompt_ids: list[int], p: SamplingParams) -> Iterator[int]:
         """Yield new token ids; fills self.stats as it goes (final values once exhausted)."""
         p.validate()
         self.check_length(len(prompt_ids), p.max_new_tokens)
+        if self.speculator is not None:
+            return self.speculator.tokens(self, prompt_ids, p)
+        return self._plain_tokens(prompt_ids, p)
+
+    @torch.inference_mode()
+    def _plain_tokens(self, prompt_ids: list[int], p: SamplingParams) -> Iterator[int]:
         stats = self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
         gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
         eos = set() if p.ignore_eos else set(self.tokenizer.eos_ids)
         seen = torch.tensor(prompt_ids, dtype=torch.long)
-        needed = len(prompt_ids) + p.max_new_tokens
         fast = self.compiled
-        if fast is not None:
-            from .fast import bucket
-
-            # Fixed cache sizes so the compiled step sees a handful of shapes, never one per prompt.
-            self.model.setup_cache(1, min(bucket(needed), max(self.max_context, needed)))
-        else:
-            self.model.setup_cache(1, needed)
+        self.model.setup_cache(1, self.cache_len_for(len(prompt_ids) + p.max_new_tokens))
 
         t0 = time.perf_counter()
         t_first: float | None = None
@@ -204,8 +224,8 @@ class Generator:
                     seen = torch.cat([seen, torch.tensor([token])])
                 if fast is not None:
                     logits = fast.step(torch.tensor([[token]]), torch.tensor([pos]))[0]
-                else:
-                    logits = self.model(torch.tensor([[token]]), pos, use_cache=True)[0, -1].float()
+                else:  # the step the fast path compiles, run eagerly (so both round alike)
+                    logits = self.model.decode_step(torch.tensor([[token]]), torch.tensor([pos]))[0]
                 pos += 1
                 decodes += 1
                 self._finish(stats, t0, t_first, decodes)

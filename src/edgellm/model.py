@@ -64,10 +64,11 @@ class KVCache(nn.Module):
             self.v[:B, :, start:start + T] = v
             self.slot_pos[start:start + T] = pos
             return self.k[:B, :, :start + T], self.v[:B, :, :start + T], self.slot_pos[:start + T]
-        # Rolling: attend over (old slots ++ new tokens), then keep only the newest `size` tokens.
+        # Rolling: attend over (old slots ++ new tokens), then keep only the newest `size` tokens. Old slots at
+        # positions >= start are stale (written ahead, then rolled back): marked empty, the new tokens replace them.
         k_all = torch.cat([self.k[:B], k], dim=2)  # (B, Hkv, size+T, D)
         v_all = torch.cat([self.v[:B], v], dim=2)
-        kpos = torch.cat([self.slot_pos, pos])
+        kpos = torch.cat([self.slot_pos.masked_fill(self.slot_pos >= start, -1), pos])
         n = min(T, self.size)
         slots = pos[-n:] % self.size
         self.k[:B, :, slots] = k[:, :, -n:]
@@ -76,10 +77,10 @@ class KVCache(nn.Module):
         return k_all, v_all, kpos
 
 
-    def write_one(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Static-shape write of one position (pos: (1,) long tensor) for the compiled decode step."""
+    def write(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Static-shape write of T positions (pos: (T,) long tensor) for the compiled decode/verify steps."""
         slot = pos % self.size if self.rolling else pos
-        self.k.index_copy_(2, slot, k)  # (B, Hkv, 1, D) into (B, Hkv, S, D)
+        self.k.index_copy_(2, slot, k)  # (B, Hkv, T, D) into (B, Hkv, S, D)
         self.v.index_copy_(2, slot, v)
         self.slot_pos.index_copy_(0, slot, pos)
 
@@ -206,30 +207,34 @@ class Attention(nn.Module):
 
 
     def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """One new token per sequence with static shapes only (attends over the whole cache with a
-        position mask), written out so torch.compile/inductor can fuse it instead of calling SDPA."""
-        B = x.shape[0]
+        """T new tokens per sequence (x (B, T, C) at positions pos (T,); T = 1 to decode, more to verify
+        speculative drafts) with static shapes only: attends over the whole cache with a position mask, written
+        out so torch.compile/inductor can fuse it instead of calling SDPA."""
+        B, T, _ = x.shape
         cache = self.cache
         q, k, v = self.qkv_proj(x).split([self.cfg.q_size, self.cfg.kv_size, self.cfg.kv_size], dim=-1)
-        q = q.view(B, 1, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, 1, D)
-        k = k.view(B, 1, self.n_kv, self.head_dim).transpose(1, 2)     # (B, Hkv, 1, D)
-        v = v.view(B, 1, self.n_kv, self.head_dim).transpose(1, 2)
-        cos, sin = cos.to(q.dtype), sin.to(q.dtype)                     # (1, D)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)     # (B, Hkv, T, D)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)                     # (T, D)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-        cache.write_one(pos, k, v)
+        cache.write(pos, k, v)
         group = self.n_heads // self.n_kv
         # Broadcast-multiply + sum instead of matmul: inductor fuses rope, the cache write, both reductions and
         # the softmax into one C++ loop; two tiny bmm calls per layer cost more than all of that (~17 us each).
-        qg = q.view(B, self.n_kv, group, 1, self.head_dim).float()                 # (B, Hkv, G, 1, D)
-        scores = (qg * cache.k[:B].unsqueeze(2).float()).sum(-1)                   # (B, Hkv, G, S)
+        qg = q.view(B, self.n_kv, group, T, 1, self.head_dim).float()              # (B, Hkv, G, T, 1, D)
+        scores = (qg * cache.k[:B, :, None, None].float()).sum(-1)                 # (B, Hkv, G, T, S)
         scores = scores * self.head_dim ** -0.5
-        valid = (cache.slot_pos >= 0) & (cache.slot_pos <= pos)                    # (S,)
+        # slots written ahead of a query (rolled-back drafts, later drafts of this call) are masked by position
+        kpos, qpos = cache.slot_pos[None, :], pos[:, None]
+        valid = (kpos >= 0) & (kpos <= qpos)                                       # (T, S)
         if self.window is not None:
-            valid &= cache.slot_pos > pos - self.window
-        probs = scores.masked_fill(~valid, float("-inf")).softmax(-1)              # (B, Hkv, G, S)
-        y = (probs.unsqueeze(-1) * cache.v[:B].unsqueeze(2).float()).sum(-2)       # (B, Hkv, G, D)
-        return self.o_proj(y.to(x.dtype).reshape(B, 1, self.cfg.q_size))
+            valid &= kpos > qpos - self.window
+        probs = scores.masked_fill(~valid, float("-inf")).softmax(-1)              # (B, Hkv, G, T, S)
+        y = (probs.unsqueeze(-1) * cache.v[:B, :, None, None].float()).sum(-2)     # (B, Hkv, G, T, D)
+        y = y.permute(0, 3, 1, 2, 4).reshape(B, T, self.cfg.q_size)               # (B, T, H*D)
+        return self.o_proj(y.to(x.dtype))
 
 
 class MLP(nn.Module):
@@ -293,12 +298,15 @@ class Transformer(nn.Module):
         self.rope_cos = torch.cat([cos, cos], dim=-1)                        # (n, D)
         self.rope_sin = torch.cat([-sin, sin], dim=-1)
 
-    def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
-        """Preallocate one KV cache per layer for `batch` sequences of up to `max_len` tokens."""
+    def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None, slack: int = 0) -> None:
+        """Preallocate one KV cache per layer for `batch` sequences of up to `max_len` tokens.
+
+        slack: spare slots for a rolling cache, so positions written ahead and then rolled back (rejected
+        speculative drafts) never overwrote a position still inside the window."""
         cfg = self.config
         dtype = dtype or self.dtype
-        rolling = cfg.sliding_window is not None and cfg.sliding_window < max_len
-        size = cfg.sliding_window if rolling else max_len
+        rolling = cfg.sliding_window is not None and cfg.sliding_window + slack < max_len
+        size = cfg.sliding_window + slack if rolling else max_len
         for layer in self.layers:
             cache = layer.self_attn.cache
             if (cache is None or cache.size != size or cache.k.shape[0] < batch or cache.k.dtype != dtype
@@ -331,13 +339,21 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         return self.norm(x) if hidden_only else self.lm_head(self.norm(x))
 
+    def _decode_hidden(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        cos = self.rope_cos.index_select(0, pos)  # (T, D)
+        sin = self.rope_sin.index_select(0, pos)
+        x = self.embed_tokens(tokens)             # (B, T, C)
+        for layer in self.layers:
+            x = layer.decode(x, cos, sin, pos)
+        return x
+
     def decode_step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """token (B, 1) at position pos ((1,) long tensor) -> next-token logits (B, V), fp32.
 
         Shapes never change between steps, so this is the function the fast path compiles."""
-        cos = self.rope_cos.index_select(0, pos)  # (1, D)
-        sin = self.rope_sin.index_select(0, pos)
-        x = self.embed_tokens(token)              # (B, 1, C)
-        for layer in self.layers:
-            x = layer.decode(x, cos, sin, pos)
-        return self.lm_head(self.norm(x))[:, -1].float()
+        return self.lm_head(self.norm(self._decode_hidden(token, pos)))[:, -1].float()
+
+    def verify_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) at positions pos ((T,) consecutive) -> logits (B, T, V), fp32: decode_step for T tokens
+        at once (speculative verification), through the same per-row code, compiled per T."""
+        return self.lm_head(self.norm(self._decode_hidden(tokens, pos))).float()

@@ -1,0 +1,331 @@
+"""Speculative decoding: a cheap drafter proposes K tokens, the target checks them all in one forward pass over
+its KV cache, and every token the target agrees with costs a fraction of a decode step.
+
+Drafters (`--speculative`):
+- `lookup`: prompt lookup. The longest n-gram (3, 2, then 1 token) ending the text so far is searched for
+  earlier in the prompt + answer; the tokens that followed its latest earlier occurrence are the draft. Free
+  to run, and strong whenever the answer copies from the input (rewriting, summarising, editing code).
+- `self`: the same checkpoint with 4-bit weights drafts for a higher-precision target (fp32/bf16).
+- `draft`: another model with the same tokenizer (`--draft-model`).
+
+Exactness. Greedy: a drafted token is kept only if it is the target's argmax at that position, and the
+target's own argmax replaces the first one that is not, so the text equals plain greedy decoding of the same
+weights (up to float rounding between the one-token and the K-token forward: a change needs a near-exact tie).
+Sampling: the rule of Leviathan et al. (2023) / Chen et al. (2023): keep drafted token d with probability
+min(1, p(d) / q(d)), else sample from norm(max(0, p - q)) and stop; after K kept tokens, sample one more from
+the target. p and q are the target's and drafter's distributions after the same temperature / top-k / top-p /
+min-p / repetition-penalty processing, so the output has exactly the distribution of plain sampling. A lookup
+draft is deterministic: q is a point mass on d.
+
+KV-cache rollback: the target writes K + 1 positions; rejected ones stay behind as stale slots. Attention
+masks by the position each slot holds (positions after the query's are ignored) and the next forward writes
+over them, so nothing is copied back. Rolling (sliding-window) caches get K_max spare slots, so a rejected
+draft never overwrote a position still inside the window.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .errors import InvalidArgumentError
+from .generate import GenerationStats, SamplingParams, apply_repetition_penalty, filter_logits
+
+if TYPE_CHECKING:
+    from .generate import Generator
+    from .loading import LoadedModel
+    from .model import Transformer
+
+METHODS = ("lookup", "self", "draft")
+K_MAX = 16           # the largest draft length (adaptive K grows up to here; the K sweep ends here)
+K_START = 4          # adaptive K starts here: +2 after a fully accepted draft, -1 after a rejection (as HF does)
+LOOKUP_NGRAM = 3     # prompt lookup tries n-grams of this many tokens first, then shorter down to 1
+
+
+def check_k(k: int | None) -> int | None:
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= K_MAX):
+        raise InvalidArgumentError(f"draft length K must be an integer in [1, {K_MAX}] or None = adaptive (got {k!r})")
+    return k
+
+
+# ---------------------------------------------------------------------------------------------- drafters
+class LookupDrafter:
+    """Prompt lookup (see module docstring): deterministic drafts, no model."""
+
+    name = "lookup"
+
+    def __init__(self, max_ngram: int = LOOKUP_NGRAM) -> None:
+        self.max_ngram = max_ngram
+
+    def start(self, prompt_ids: list[int], cache_len: int, slack: int) -> None:
+        pass
+
+    def propose(self, context: list[int], k: int, p: SamplingParams,
+                gen: torch.Generator | None) -> tuple[list[int], torch.Tensor | None]:
+        n_ctx = len(context)
+        for n in range(min(self.max_ngram, n_ctx - 1), 0, -1):
+            tail = context[-n:]
+            # latest earlier occurrence of the tail (recent text predicts the continuation best)
+            for i in range(n_ctx - n - 1, -1, -1):
+                if context[i:i + n] == tail:
+                    return context[i + n:i + n + k], None
+        return [], None
+
+    def accept(self, n_accepted: int) -> None:
+        pass
+
+
+class ModelDrafter:
+    """A small (or 4-bit) model with its own KV cache, stepped one token at a time (compiled when it can be).
+
+    `fed` counts the context tokens whose keys/values are in the draft cache; `logits` are the draft's
+    next-token logits after them."""
+
+    def __init__(self, name: str, model: Transformer, compiled: bool) -> None:
+        self.name = name
+        self.model = model
+        self.compiled = None
+        if compiled:
+            from .fast import CompiledDecoder
+
+            self.compiled = CompiledDecoder(model)
+        self.fed = 0
+        self.logits: torch.Tensor | None = None
+        self._drafted = 0
+
+    @property
+    def compile_s(self) -> float:
+        return self.compiled.compile_s if self.compiled is not None else 0.0
+
+    def start(self, prompt_ids: list[int], cache_len: int, slack: int) -> None:
+        self.model.setup_cache(1, cache_len, slack=slack)
+        self.fed, self.logits = 0, None
+
+    def _feed(self, token: int, pos: int) -> torch.Tensor:
+        t, ps = torch.tensor([[token]]), torch.tensor([pos])
+        if self.compiled is not None:
+            return self.compiled.step(t, ps)[0]
+        return self.model(t, pos, use_cache=True)[0, -1].float()
+
+    def propose(self, context: list[int], k: int, p: SamplingParams,
+                gen: torch.Generator | None) -> tuple[list[int], torch.Tensor | None]:
+        if self.fed == 0:  # the prompt, in one prefill
+            self.logits = self.model(torch.tensor([context]), 0, use_cache=True, last_only=True)[0, -1].float()
+            self.fed = len(context)
+        while self.fed < len(context):  # the target's last token(s), one step each
+            self.logits = self._feed(context[self.fed], self.fed)
+            self.fed += 1
+        drafts: list[int] = []
+        qs = []
+        seen = context
+        logits = self.logits
+        for i in range(k):
+            if i:
+                logits = self._feed(drafts[-1], len(context) + i - 1)
+            if p.repetition_penalty != 1.0:
+                logits = apply_repetition_penalty(logits, torch.tensor(seen + drafts), p.repetition_penalty)
+            if p.temperature == 0:
+                drafts.append(int(logits.argmax()))
+            else:
+                q = filter_logits(logits, p).softmax(-1)
+                drafts.append(int(torch.multinomial(q, 1, generator=gen)))
+                qs.append(q)
+        self._drafted = len(drafts)
+        return drafts, (torch.stack(qs) if qs else None)
+
+    def accept(self, n_accepted: int) -> None:
+        # The draft fed its drafts 1..K-1 (not the last): those the target kept are valid cache entries.
+        self.fed += min(n_accepted, max(self._drafted - 1, 0))
+
+
+# ---------------------------------------------------------------------------------------------- the rule
+def residual(p: torch.Tensor, q: torch.Tensor | None, d: int) -> torch.Tensor:
+    """Where to resample after drafted token d is rejected: norm(max(0, p - q)); q None = point mass on d."""
+    if q is None:
+        r = p.clone()
+        r[d] = 0.0
+    else:
+        r = (p - q).clamp_min(0.0)
+    return r
+
+
+def verify(target_logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, seen: list[int],
+           p: SamplingParams, gen: torch.Generator | None) -> tuple[list[int], int]:
+    """target_logits (K+1, V) fp32 at the positions of the last accepted token and the K drafts.
+
+    Returns the tokens to emit (the kept drafts, then the target's correction or its bonus token) and how many
+    drafts were kept."""
+    out: list[int] = []
+    for i in range(len(drafts) + 1):
+        logits = target_logits[i]
+        if p.repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits, torch.tensor(seen + drafts[:i]), p.repetition_penalty)
+        if p.temperature == 0:
+            best = int(logits.argmax())
+            out.append(best)
+            if i == len(drafts) or best != drafts[i]:
+                return out, i
+            continue
+        probs = filter_logits(logits, p).softmax(-1)
+        if i == len(drafts):  # every draft kept: one more token from the target
+            out.append(int(torch.multinomial(probs, 1, generator=gen)))
+            return out, i
+        d = drafts[i]
+        q_d = 1.0 if q is None else float(q[i, d])
+        u = float(torch.rand((), generator=gen))
+        if u * q_d < float(probs[d]):  # u < p(d) / q(d), without dividing by a tiny q(d)
+            out.append(d)
+            continue
+        r = residual(probs, None if q is None else q[i], d)
+        total = float(r.sum())
+        out.append(int(torch.multinomial(r / total if total > 0 else probs, 1, generator=gen)))
+        return out, i
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+@dataclass
+class Speculator:
+    """A drafter plus the draft length: K fixed, or adaptive (None)."""
+
+    drafter: LookupDrafter | ModelDrafter
+    k: int | None = None
+
+    @property
+    def method(self) -> str:
+        return self.drafter.name
+
+    def tokens(self, g: Generator, prompt_ids: list[int], p: SamplingParams) -> Iterator[int]:
+        """Generator.token_stream with speculation: same contract (yields new ids, fills g.stats)."""
+        return speculative_tokens(g, self, prompt_ids, p)
+
+
+def speculative_tokens(g: Generator, spec: Speculator, prompt_ids: list[int], p: SamplingParams) -> Iterator[int]:
+    stats = g.stats = GenerationStats(prompt_tokens=len(prompt_ids), speculative=spec.method)
+    gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
+    eos = set() if p.ignore_eos else set(g.tokenizer.eos_ids)
+    needed = len(prompt_ids) + p.max_new_tokens
+    cache_len = g.cache_len_for(needed + K_MAX)  # + the compiled verify step's padding
+    g.model.setup_cache(1, cache_len, slack=K_MAX)
+    spec.drafter.start(prompt_ids, cache_len, K_MAX)
+    fast = g.verifier
+
+    def target(ids: list[int], pos: int) -> torch.Tensor:  # (T, V) fp32 logits at positions pos..
+        if fast is None:
+            return g.model.verify_step(torch.tensor([ids]), torch.arange(pos, pos + len(ids)))[0]
+        return fast.verify(torch.tensor([ids]), torch.arange(pos, pos + len(ids)))[0]
+
+    t0 = time.perf_counter()
+    t_first: float | None = None
+    stats.finish_reason = "length"
+    k = spec.k or K_START
+    context = list(prompt_ids)
+    try:
+        with torch.inference_mode():
+            logits = g.model(torch.tensor([prompt_ids]), 0, use_cache=True, last_only=True)[0].float()  # (1, V)
+        emit, _ = verify(logits, [], None, context, p, gen)
+        while True:
+            for token in emit:
+                if t_first is None:
+                    t_first = time.perf_counter()
+                    stats.prefill_ms = (t_first - t0) * 1e3
+                if token in eos:
+                    stats.finish_reason = "eos"
+                    return
+                context.append(token)
+                stats.new_tokens += 1
+                yield token
+                if stats.new_tokens == p.max_new_tokens:
+                    return
+                _finish(stats, t0, t_first)
+            left = p.max_new_tokens - stats.new_tokens
+            with torch.inference_mode():
+                drafts, q = spec.drafter.propose(context, min(k, left - 1), p, gen) if left > 1 else ([], None)
+                logits = target(context[-1:] + drafts, len(context) - 1)  # (K+1, V)
+                emit, kept = verify(logits, drafts, q, context, p, gen)
+            spec.drafter.accept(kept)
+            if drafts:
+                stats.rounds += 1
+                stats.drafted += len(drafts)
+                stats.accepted += kept
+                if spec.k is None:
+                    k = min(k + 2, K_MAX) if kept == len(drafts) else max(k - 1, 1)
+    finally:
+        _finish(stats, t0, t_first)
+
+
+def _finish(stats: GenerationStats, t0: float, t_first: float | None) -> None:
+    now = time.perf_counter()
+    stats.total_s = now - t0
+    if stats.new_tokens > 1 and t_first is not None:
+        stats.time_per_token_ms = (now - t_first) * 1e3 / (stats.new_tokens - 1)
+        stats.tokens_per_s = 1e3 / stats.time_per_token_ms
+    if stats.drafted:
+        stats.acceptance_rate = stats.accepted / stats.drafted
+        stats.mean_accepted = stats.accepted / stats.rounds
+
+
+# ---------------------------------------------------------------------------------------------- building
+def _low_bit(model: Transformer) -> bool:
+    from .kernels.blocklinear import BlockQLinear
+    from .quant.linear import QLinearPerGrp
+
+    return any(isinstance(m, BlockQLinear | QLinearPerGrp) for m in model.modules())
+
+
+def self_draft(target: LoadedModel) -> Transformer:
+    """The target's checkpoint with 4-bit weights: a GGUF's own Q4/Q8 blocks, else RTN int4 per group of 32."""
+    from .loading import load_model, parse_dtype
+    from .quant import quantize_model
+    from .quant.spec import parse_quant
+
+    if _low_bit(target.model):
+        raise InvalidArgumentError(
+            "self-speculation drafts with 4-bit weights for a higher-precision target, but this model already "
+            "runs low-bit weights: load the target with --dtype fp32 or bf16")
+    if target.format == "gguf":
+        draft = load_model(target.path, dtype="auto", keep_quantized=True)
+        if _low_bit(draft.model):
+            return draft.model
+    else:
+        draft = load_model(target.path, dtype="fp32")
+    quantize_model(draft.model, parse_quant("rtn:w4:g32"), draft.tokenizer, dtype=parse_dtype("auto"),
+                   log=lambda _: None)
+    return draft.model
+
+
+def separate_draft(target: LoadedModel, draft_model: str | Path, dtype: str | torch.dtype) -> Transformer:
+    """A draft checkpoint that must share the target's tokenizer (the same token ids mean the same text)."""
+    from .loading import load_model
+
+    draft = load_model(draft_model, dtype=dtype)
+    tv, dv = target.tokenizer.backend.get_vocab(), draft.tokenizer.backend.get_vocab()
+    if tv != dv or target.config.vocab_size != draft.config.vocab_size:
+        differ = sum(1 for t, i in tv.items() if dv.get(t) != i) + abs(len(tv) - len(dv))
+        raise InvalidArgumentError(
+            f"draft model {draft_model} does not share the target's vocabulary ({len(dv)} vs {len(tv)} tokens, "
+            f"{differ} differ; logits {draft.config.vocab_size} vs {target.config.vocab_size}): speculative "
+            f"decoding needs identical tokenizers")
+    return draft.model
+
+
+def build_speculator(method: str, target: LoadedModel, *, k: int | None = None, draft_model: str | Path | None = None,
+                     draft_dtype: str | torch.dtype = "auto", compile: bool = False) -> Speculator:
+    """The Speculator for `method` ("lookup" | "self" | "draft") over the loaded target."""
+    check_k(k)
+    if method not in METHODS:
+        raise InvalidArgumentError(f"unknown speculative method {method!r}; choose from {', '.join(METHODS)}")
+    if draft_model is not None and method != "draft":
+        raise InvalidArgumentError("a draft model is given, but the speculative method is not 'draft'")
+    if method == "lookup":
+        return Speculator(LookupDrafter(), k)
+    if method == "self":
+        return Speculator(ModelDrafter("self", self_draft(target), compile), k)
+    if draft_model is None:
+        raise InvalidArgumentError("speculative method 'draft' needs a draft model (--draft-model PATH)")
+    return Speculator(ModelDrafter("draft", separate_draft(target, draft_model, draft_dtype), compile), k)
