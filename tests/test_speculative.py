@@ -266,3 +266,27 @@ def test_real_model_sampling_matches_plain_sampling(tiny_checkpoints) -> None:
         rounds += llm.last_stats.rounds
     assert rounds == n  # every run verified a draft
     assert chi_square_p(got, torch.tensor([exact[k] for k in keys], dtype=torch.float64) * n) > 0.01
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_cli_generate_and_bench_sweep(tiny_checkpoints, capsys) -> None:
+    from edgellm.cli import main
+
+    ckpt = str(tiny_checkpoints["llama"])
+    base = ["generate", PROMPT, "-m", ckpt, "--dtype", "fp32", "-n", "24", "--no-compile", "--json"]
+    assert main(base + ["--speculative", "lookup", "--draft-k", "3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["speculative"] == "lookup" and out["new_tokens"] <= 24 and 0 <= out["acceptance_rate"] <= 1
+    assert main(base) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == out["text"]  # greedy: the same text without it
+    assert main(base + ["--speculative", "lookup", "--draft-k", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "draft length K" in err and len(err.strip().splitlines()) == 1
+
+    assert main(["bench", "--task", "speculative", "-m", ckpt, "--dtype", "fp32", "--no-compile", "--speculative",
+                 "lookup", "self", "--draft-k", "1", "3", "--new-tokens", "12", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [(r["method"], r["task"], r["k"]) for r in rows] == [
+        (m, t, k) for m in ("lookup", "self") for t in ("chat", "grounded") for k in ("1", "3", "adaptive")]
+    assert all(r["tokens_per_s"] > 0 and r["speedup"] > 0 for r in rows)
+    assert all(r["identical"] == "2/2" for r in rows)  # fp32 target: the same text as plain decoding

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import InvalidArgumentError
 from .kernels import cpu, native
 from .peers import BenchResult, Engine, Row, Session, median, summary_rounds
 from .report import markdown_table
@@ -109,6 +110,9 @@ class EdgeEngine(Engine):
                 break
         s = gen.stats
         self.note = gen.note
+        if s.speculative:
+            self.note = "; ".join(x for x in (self.note, f"speculative {s.speculative}: acceptance "
+                                  f"{s.acceptance_rate:.2f}, {s.mean_accepted:.2f} accepted per round") if x)
         return Row(0, len(prompt_ids), n, total, s.prefill_ms, s.time_per_token_ms, s.tokens_per_s)
 
 
@@ -295,12 +299,15 @@ def profile_breakdown(llm, prompt_ids: list[int], new: int) -> list[list]:
 
 # ------------------------------------------------------------------------------------------------ CLI
 def register(sub: argparse._SubParsersAction) -> None:
-    from .cli import add_compile_args, add_model_args
+    from .cli import add_compile_args, add_model_args, add_speculative_args
 
     p = sub.add_parser("bench", help="prefill/decode timing tables, llama-bench summary, peers")
     add_model_args(p)
     add_compile_args(p)
-    p.add_argument("--task", default="decode", choices=["decode", "benchmark", "benchmark_exact", "profile"])
+    p.add_argument("--task", default="decode",
+                   choices=["decode", "benchmark", "benchmark_exact", "profile", "speculative"],
+                   help="speculative: the K sweep of every --speculative method on a chat and an input-grounded "
+                        "task, against plain decoding")
     p.add_argument("--quant", default=None,
                    help="quantize weights before timing, e.g. rtn:w4:g32 (int4 kernels), rtn:w8:g-1 (int8), "
                         "awq:w4:g128; default: the checkpoint's weights in --dtype")
@@ -313,21 +320,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--csv", action="store_true")
     p.add_argument("--plot", default=None, help="PNG: tokens/s and prefill ms against prompt length")
+    add_speculative_args(p, sweep=True)
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .api import LLM
     from .loading import load_model
+    from .speculative import build_speculator
 
     threads = args.threads or physical_cores()
     torch.set_num_threads(threads)
+    if args.task == "speculative":
+        from .bench_speculative import run
+
+        return run(args)
+    if args.speculative and len(args.speculative) > 1 or args.draft_k and len(args.draft_k) > 1:
+        raise InvalidArgumentError("several --speculative methods or --draft-k values need --task speculative")
     log = (lambda s: print(s, file=sys.stderr)) if not args.json else (lambda s: None)
     t0 = time.perf_counter()
     loaded = load_model(args.model, dtype=args.dtype, rope_type=args.rope_type,
-                        keep_quantized=False if args.quant else None)
+                        keep_quantized=False if args.quant or args.speculative == ["self"] else None)
     load_s = time.perf_counter() - t0  # reading the checkpoint into its final dtype/packing, nothing else
-    llm = LLM(loaded, compile=args.compile)
+    speculator = None
+    if args.speculative:
+        speculator = build_speculator(args.speculative[0], loaded, k=(args.draft_k or [None])[0],
+                                      draft_model=args.draft_model, compile=args.compile)
+    llm = LLM(loaded, compile=args.compile, speculator=speculator)
     quant_note = ""
     if args.quant:
         from .quant import quantize_llm

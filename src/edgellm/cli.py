@@ -56,6 +56,21 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> 
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
+def add_speculative_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
+    from .speculative import K_MAX, METHODS
+
+    g = p.add_argument_group("speculative decoding (same output, faster; see edgellm/speculative.py)")
+    many = {"nargs": "+"} if sweep else {}
+    g.add_argument("--speculative", choices=METHODS, default=None, **many,
+                   help="lookup: n-grams of the prompt; self: this checkpoint's 4-bit weights draft for the "
+                        "higher-precision model (--dtype auto then dequantizes the target); draft: --draft-model"
+                        + (" (several: one sweep each; default lookup self)" if sweep else ""))
+    g.add_argument("--draft-model", default=None, help="draft checkpoint with the same tokenizer")
+    g.add_argument("--draft-k", type=int, default=None, **many,
+                   help=f"tokens per draft, 1..{K_MAX}; default adaptive"
+                        + (" (sweep default: 1 3 7 16, the compiled verify sizes)" if sweep else ""))
+
+
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
@@ -65,7 +80,9 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def load_from_args(args: argparse.Namespace) -> LLM:
     from .api import load
 
-    return load(args.model, dtype=args.dtype, rope_type=args.rope_type, compile=getattr(args, "compile", False))
+    return load(args.model, dtype=args.dtype, rope_type=args.rope_type, compile=getattr(args, "compile", False),
+                speculative=getattr(args, "speculative", None), draft_model=getattr(args, "draft_model", None),
+                draft_k=getattr(args, "draft_k", None))
 
 
 # ---------------------------------------------------------------------------------------------- verbs
@@ -86,12 +103,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(piece, end="", flush=True)
     s = llm.last_stats
     if args.json:
-        print(json.dumps({"text": "".join(text), "prompt_tokens": s.prompt_tokens, "new_tokens": s.new_tokens,
-                          "total_s": s.total_s, "prefill_ms": s.prefill_ms,
-                          "time_per_token_ms": s.time_per_token_ms, "tokens_per_s": s.tokens_per_s,
-                          "finish_reason": s.finish_reason}, ensure_ascii=False))
+        print(json.dumps({"text": "".join(text), **s.to_dict()}, ensure_ascii=False))
     else:
         print()
+        if s.speculative:
+            print(f"[speculative {s.speculative}: {s.accepted}/{s.drafted} drafted tokens accepted "
+                  f"({s.acceptance_rate:.0%}), {s.mean_accepted:.2f} per round, {s.tokens_per_s:.1f} tokens/s]",
+                  file=sys.stderr)
     return 0
 
 
@@ -207,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_compile_args(p)
     add_sampling_args(p)
+    add_speculative_args(p)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object with text and timings")
     p.set_defaults(func=cmd_generate)
@@ -215,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_compile_args(p)
     add_sampling_args(p, max_new_tokens=512)
+    add_speculative_args(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.set_defaults(func=cmd_chat)
 
@@ -228,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job: answer three prompts and print the timing table")
     add_model_args(p)
     add_compile_args(p)
+    add_speculative_args(p)
     p.add_argument("--max-new-tokens", "-n", type=int, default=60)
     p.set_defaults(func=cmd_demo)
 

@@ -116,7 +116,7 @@ def _verify(model: Transformer, tokens: torch.Tensor, pos: torch.Tensor) -> torc
     return model.verify_step(tokens, pos)
 
 
-VERIFY_SIZES = (4, 8, 17)  # speculative verification compiles for these token counts; shorter drafts are padded
+VERIFY_SIZES = (2, 4, 8, 17)  # speculative verification compiles for these token counts; shorter drafts are padded
 
 
 def _serializable_guards(entries: list) -> list[bool]:

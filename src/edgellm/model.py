@@ -223,17 +223,21 @@ class Attention(nn.Module):
         group = self.n_heads // self.n_kv
         # Broadcast-multiply + sum instead of matmul: inductor fuses rope, the cache write, both reductions and
         # the softmax into one C++ loop; two tiny bmm calls per layer cost more than all of that (~17 us each).
-        qg = q.view(B, self.n_kv, group, T, 1, self.head_dim).float()              # (B, Hkv, G, T, 1, D)
-        scores = (qg * cache.k[:B, :, None, None].float()).sum(-1)                 # (B, Hkv, G, T, S)
+        # The T queries of a group are stacked as G*T rows: for T = 1 this is the decode step's kernel, for T > 1
+        # the same per-row loops (same sums, same order: a verify step equals T decode steps bit for bit).
+        qg = q.reshape(B, self.n_kv, group * T, 1, self.head_dim).float()        # (B, Hkv, G*T, 1, D)
+        scores = (qg * cache.k[:B].unsqueeze(2).float()).sum(-1)                  # (B, Hkv, G*T, S)
         scores = scores * self.head_dim ** -0.5
         # slots written ahead of a query (rolled-back drafts, later drafts of this call) are masked by position
         kpos, qpos = cache.slot_pos[None, :], pos[:, None]
         valid = (kpos >= 0) & (kpos <= qpos)                                       # (T, S)
         if self.window is not None:
             valid &= kpos > qpos - self.window
-        probs = scores.masked_fill(~valid, float("-inf")).softmax(-1)              # (B, Hkv, G, T, S)
-        y = (probs.unsqueeze(-1) * cache.v[:B, :, None, None].float()).sum(-2)     # (B, Hkv, G, T, D)
-        y = y.permute(0, 3, 1, 2, 4).reshape(B, T, self.cfg.q_size)               # (B, T, H*D)
+        valid = valid.repeat(group, 1)                                             # (G*T, S)
+        probs = scores.masked_fill(~valid, float("-inf")).softmax(-1)              # (B, Hkv, G*T, S)
+        y = (probs.unsqueeze(-1) * cache.v[:B].unsqueeze(2).float()).sum(-2)       # (B, Hkv, G*T, D)
+        y = y.view(B, self.n_kv, group, T, self.head_dim).permute(0, 3, 1, 2, 4)  # (B, T, Hkv, G, D)
+        y = y.reshape(B, T, self.cfg.q_size)
         return self.o_proj(y.to(x.dtype))
 
 

@@ -42,8 +42,12 @@ if TYPE_CHECKING:
     from .model import Transformer
 
 METHODS = ("lookup", "self", "draft")
-K_MAX = 16           # the largest draft length (adaptive K grows up to here; the K sweep ends here)
-K_START = 4          # adaptive K starts here: +2 after a fully accepted draft, -1 after a rejection (as HF does)
+K_MAX = 16           # the largest draft length (the K sweep ends here)
+# Adaptive K moves along the draft lengths the compiled verify step has a size for (fast.VERIFY_SIZES - 1; other
+# K are padded up to the next size and cost as much): up after a fully accepted draft, down when fewer than half
+# the drafts were kept. A verified row costs ~20-40 % of a decode step, so short drafts win unless most are kept.
+K_STEPS = (1, 3, 7, 16)
+K_START = 3
 LOOKUP_NGRAM = 3     # prompt lookup tries n-grams of this many tokens first, then shorter down to 1
 
 
@@ -254,7 +258,11 @@ def speculative_tokens(g: Generator, spec: Speculator, prompt_ids: list[int], p:
                 stats.drafted += len(drafts)
                 stats.accepted += kept
                 if spec.k is None:
-                    k = min(k + 2, K_MAX) if kept == len(drafts) else max(k - 1, 1)
+                    i = K_STEPS.index(k)
+                    if kept == len(drafts) == k:
+                        k = K_STEPS[min(i + 1, len(K_STEPS) - 1)]
+                    elif 2 * kept < len(drafts):
+                        k = K_STEPS[max(i - 1, 0)]
     finally:
         _finish(stats, t0, t_first)
 
