@@ -5,6 +5,7 @@ fails it), KV-cache rollback, statistics and argument errors."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -269,10 +270,14 @@ def test_real_model_sampling_matches_plain_sampling(tiny_checkpoints) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def test_cli_generate_and_bench_sweep(tiny_checkpoints, capsys) -> None:
+def test_cli_generate_and_bench_sweep(tiny_checkpoints, tmp_path, capsys) -> None:
     from edgellm.cli import main
 
-    ckpt = str(tiny_checkpoints["llama"])
+    # the sweep's passage and code prompts take ~500 tokens with the tiny byte-level tokenizer: a longer context
+    ckpt = shutil.copytree(tiny_checkpoints["llama"], tmp_path / "llama")
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
+    ckpt = str(ckpt)
     base = ["generate", PROMPT, "-m", ckpt, "--dtype", "fp32", "-n", "24", "--no-compile", "--json"]
     assert main(base + ["--speculative", "lookup", "--draft-k", "3"]) == 0
     out = json.loads(capsys.readouterr().out)
