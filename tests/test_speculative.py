@@ -73,6 +73,7 @@ def test_lookup_drafts_the_continuation_of_the_latest_match() -> None:
     assert d.propose(ctx, 2, SamplingParams(), None) == ([7, 8], None)    # 3-gram [1 2 3]: latest earlier match
     assert d.propose([4, 5, 6, 4, 5], 3, SamplingParams(), None) == ([6, 4, 5], None)
     assert d.propose([1, 2, 3], 4, SamplingParams(), None) == ([], None)  # nothing repeats
+    assert d.propose([1, 2, 3, 9, 3], 4, SamplingParams(), None) == ([], None)  # a lone repeated token: no draft
 
 
 def test_stats_and_errors(tiny_checkpoints) -> None:
