@@ -85,6 +85,7 @@ def test_stats_and_errors(tiny_checkpoints) -> None:
     assert s["acceptance_rate"] == pytest.approx(s["accepted"] / s["drafted"])
     assert s["mean_accepted"] == pytest.approx(s["accepted"] / s["rounds"])
     assert s["drafted"] <= 4 * s["rounds"]
+    assert edgellm.load(ckpt, speculative="self").dtype == torch.float32  # dtype auto: a full-precision target
     with pytest.raises(InvalidArgumentError, match="unknown speculative method"):
         edgellm.load(ckpt, dtype="fp32", speculative="medusa")
     with pytest.raises(InvalidArgumentError, match="draft length K"):

@@ -115,12 +115,13 @@ def load(model: str | Path | None = None, dtype: str | torch.dtype = "auto", rop
     later processes reuse the on-disk cache, and it falls back to eager when no C++ compiler exists).
 
     speculative: "lookup" (prompt n-gram lookup), "self" (the checkpoint's 4-bit weights draft for this
-    higher-precision model: with dtype "auto" a GGUF's blocks are then dequantized for the target), or "draft"
+    higher-precision model: dtype "auto" then means an fp32 target, a GGUF's blocks dequantized), or "draft"
     (`draft_model`, same tokenizer); draft_k: tokens per draft, None = adaptive. See edgellm/speculative.py."""
     if speculative is not None:
         check_k(draft_k)
-        if speculative == "self" and keep_quantized is None:
-            keep_quantized = False
+        if speculative == "self":  # full-precision answers at close to 4-bit speed: an fp32 target by default
+            dtype = "fp32" if dtype == "auto" else dtype
+            keep_quantized = False if keep_quantized is None else keep_quantized
     loaded = load_model(model, dtype=dtype, rope_type=rope_type, keep_quantized=keep_quantized)
     speculator = None
     if speculative is not None:

@@ -339,8 +339,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("several --speculative methods or --draft-k values need --task speculative")
     log = (lambda s: print(s, file=sys.stderr)) if not args.json else (lambda s: None)
     t0 = time.perf_counter()
-    loaded = load_model(args.model, dtype=args.dtype, rope_type=args.rope_type,
-                        keep_quantized=False if args.quant or args.speculative == ["self"] else None)
+    self_spec = args.speculative == ["self"]  # as edgellm.load: an fp32 target unless --dtype says otherwise
+    loaded = load_model(args.model, dtype="fp32" if self_spec and args.dtype == "auto" else args.dtype,
+                        rope_type=args.rope_type, keep_quantized=False if args.quant or self_spec else None)
     load_s = time.perf_counter() - t0  # reading the checkpoint into its final dtype/packing, nothing else
     speculator = None
     if args.speculative:

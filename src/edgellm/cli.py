@@ -63,7 +63,7 @@ def add_speculative_args(p: argparse.ArgumentParser, sweep: bool = False) -> Non
     many = {"nargs": "+"} if sweep else {}
     g.add_argument("--speculative", choices=METHODS, default=None, **many,
                    help="lookup: n-grams of the prompt; self: this checkpoint's 4-bit weights draft for the "
-                        "higher-precision model (--dtype auto then dequantizes the target); draft: --draft-model"
+                        "higher-precision model (--dtype auto then means fp32); draft: --draft-model"
                         + (" (several: one sweep each; default lookup self)" if sweep else ""))
     g.add_argument("--draft-model", default=None, help="draft checkpoint with the same tokenizer")
     g.add_argument("--draft-k", type=int, default=None, **many,
