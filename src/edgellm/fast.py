@@ -1,4 +1,5 @@
-"""The compiled decode step: torch.compile of `Transformer.decode_step`, saved on disk across processes.
+"""The compiled decode step: torch.compile of `Transformer.decode_step`, saved on disk across processes (and
+`Transformer.verify_step`, the same step for the 2/4/8/17 tokens speculative decoding verifies at once).
 
 Why: at this model size a decode step is ~100 tiny ops and eager PyTorch spends most of its time in
 Python/dispatcher overhead. Inductor fuses the step into a few C++ kernels (cpp_wrapper removes the

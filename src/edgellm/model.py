@@ -36,8 +36,8 @@ class KVCache(nn.Module):
     """Preallocated keys/values for one layer.
 
     `size` slots hold positions. A full cache has one slot per position (slot == position). A rolling cache
-    (Mistral sliding window, size == window) writes position p into slot p % size and remembers which
-    position each slot holds, so attention can mask by real positions.
+    (Mistral sliding window; size == window, plus spare slots for speculative rollback) writes position p into
+    slot p % size and remembers which position each slot holds, so attention can mask by real positions.
     """
 
     def __init__(self, batch: int, kv_heads: int, size: int, head_dim: int, dtype: torch.dtype,
