@@ -14,7 +14,7 @@ from .errors import ContextLengthError, InvalidArgumentError
 from .generate import GenerationStats, Generator, SamplingParams
 from .loading import LoadedModel, load_model
 from .model import Transformer
-from .speculative import Speculator, build_speculator, check_k
+from .speculative import Speculator, build_speculator, check_k, target_load_options
 from .tokenizer import Tokenizer
 
 Messages = list[dict[str, Any]]
@@ -119,9 +119,7 @@ def load(model: str | Path | None = None, dtype: str | torch.dtype = "auto", rop
     (`draft_model`, same tokenizer); draft_k: tokens per draft, None = adaptive. See edgellm/speculative.py."""
     if speculative is not None:
         check_k(draft_k)
-        if speculative == "self":  # full-precision answers at close to 4-bit speed: an fp32 target by default
-            dtype = "fp32" if dtype == "auto" else dtype
-            keep_quantized = False if keep_quantized is None else keep_quantized
+        dtype, keep_quantized = target_load_options(speculative, dtype, keep_quantized)
     loaded = load_model(model, dtype=dtype, rope_type=rope_type, keep_quantized=keep_quantized)
     speculator = None
     if speculative is not None:

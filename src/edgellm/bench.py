@@ -327,7 +327,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .api import LLM
     from .loading import load_model
-    from .speculative import build_speculator
+    from .speculative import build_speculator, target_load_options
 
     threads = args.threads or physical_cores()
     torch.set_num_threads(threads)
@@ -339,9 +339,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("several --speculative methods or --draft-k values need --task speculative")
     log = (lambda s: print(s, file=sys.stderr)) if not args.json else (lambda s: None)
     t0 = time.perf_counter()
-    self_spec = args.speculative == ["self"]  # as edgellm.load: an fp32 target unless --dtype says otherwise
-    loaded = load_model(args.model, dtype="fp32" if self_spec and args.dtype == "auto" else args.dtype,
-                        rope_type=args.rope_type, keep_quantized=False if args.quant or self_spec else None)
+    dtype, keep_quantized = target_load_options((args.speculative or [None])[0], args.dtype,
+                                                False if args.quant else None)
+    loaded = load_model(args.model, dtype=dtype, rope_type=args.rope_type, keep_quantized=keep_quantized)
     load_s = time.perf_counter() - t0  # reading the checkpoint into its final dtype/packing, nothing else
     speculator = None
     if args.speculative:

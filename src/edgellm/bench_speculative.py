@@ -101,23 +101,19 @@ def sweep(method: str, target, plain, prompts: dict[str, list[list[int]]], ks: l
 
 def run(args: argparse.Namespace) -> int:
     from .api import load
+    from .speculative import K_STEPS, target_load_options
 
     methods = args.speculative or (["lookup", "self"] + (["draft"] if args.draft_model else []))
-    from .speculative import K_STEPS
-
     ks: list[int | None] = list(args.draft_k or K_STEPS) + [None]
     log = (lambda s: print(s, file=sys.stderr)) if not args.json else (lambda s: None)
     rows: list[SweepRow] = []
     targets = {}
     for method in methods:
-        # self-speculation's point is a higher-precision target: fp32 unless --dtype names another
-        dtype = "fp32" if method == "self" and args.dtype == "auto" else args.dtype
-        key = (dtype, method == "self")
+        key = target_load_options(method, args.dtype, None)  # the target's (dtype, keep_quantized)
         plain = targets.get(key)
         if plain is None:
-            plain = targets[key] = load(args.model, dtype=dtype, compile=args.compile,
-                                        keep_quantized=False if method == "self" else None)
-        target = load(args.model, dtype=dtype, compile=args.compile, speculative=method,
+            plain = targets[key] = load(args.model, dtype=key[0], compile=args.compile, keep_quantized=key[1])
+        target = load(args.model, dtype=args.dtype, compile=args.compile, speculative=method,
                       draft_model=args.draft_model if method == "draft" else None)
         prompts = {task: [target.chat_prompt_ids([{"role": "user", "content": p}]) for p in ps]
                    for task, ps in TASKS.items()}

@@ -45,11 +45,21 @@ METHODS = ("lookup", "self", "draft")
 K_MAX = 16           # the largest draft length (the K sweep ends here)
 # Adaptive K moves along the draft lengths the compiled verify step has a size for (fast.VERIFY_SIZES - 1; other
 # K are padded up to the next size and cost as much): up after a fully accepted draft, down when fewer than half
-# the drafts were kept. A verified row costs ~20-40 % of a decode step, so short drafts win unless most are kept.
+# the drafts were kept. A verified row is not free (default model, AVX512-BF16 path: 4 tokens 17.2 ms, 1 token
+# 7.4 ms, so ~45 % of a step per extra row), so short drafts win unless most are kept.
 K_STEPS = (1, 3, 7, 16)
 K_START = 3
 LOOKUP_NGRAM = (3, 2)  # prompt lookup tries n-grams of 3 tokens, then 2. Not 1 (HF's default goes down to 1): a
 # lone repeated token predicts little (measured: drafts kept 15-30 % of the time) and a verified row is not free
+
+
+def target_load_options(method: str | None, dtype: str | torch.dtype, keep_quantized: bool | None
+                        ) -> tuple[str | torch.dtype, bool | None]:
+    """How to load the target: `self` wants full-precision answers at close to 4-bit speed, so dtype "auto" means
+    an fp32 target and a GGUF's blocks are dequantized (its 4-bit copy is the draft); other methods change nothing."""
+    if method != "self":
+        return dtype, keep_quantized
+    return ("fp32" if dtype == "auto" else dtype), (False if keep_quantized is None else keep_quantized)
 
 
 def check_k(k: int | None) -> int | None:
@@ -127,13 +137,12 @@ class ModelDrafter:
             self.fed += 1
         drafts: list[int] = []
         qs = []
-        seen = context
         logits = self.logits
         for i in range(k):
             if i:
                 logits = self._feed(drafts[-1], len(context) + i - 1)
             if p.repetition_penalty != 1.0:
-                logits = apply_repetition_penalty(logits, torch.tensor(seen + drafts), p.repetition_penalty)
+                logits = apply_repetition_penalty(logits, torch.tensor(context + drafts), p.repetition_penalty)
             if p.temperature == 0:
                 drafts.append(int(logits.argmax()))
             else:
