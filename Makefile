@@ -40,8 +40,8 @@ test: $(TSTAMP)
 clean:
 	rm -rf $(VENV)
 
-# Peers for `edgellm bench --peer llamacpp`: llama-cpp-python compiles llama.cpp (several minutes), so it
-# stays out of the default install and out of CI.
+# Peers for `edgellm bench --peer llamacpp` ([server]: its OpenAI server, for `--task serve`): llama-cpp-python
+# compiles llama.cpp (several minutes), so it stays out of the default install and out of CI.
 bench-peers: $(TSTAMP)
-	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install "llama-cpp-python>=0.3.8"
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install "llama-cpp-python[server]>=0.3.8"
 	$(PIP) install --quiet "matplotlib>=3.8"

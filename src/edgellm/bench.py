@@ -305,9 +305,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     add_compile_args(p)
     p.add_argument("--task", default="decode",
-                   choices=["decode", "benchmark", "benchmark_exact", "profile", "speculative"],
+                   choices=["decode", "benchmark", "benchmark_exact", "profile", "speculative", "serve"],
                    help="speculative: the K sweep of every --speculative method on a chat and an input-grounded "
-                        "task, against plain decoding")
+                        "task, against plain decoding; serve: `edgellm serve` under 1..16 concurrent streams "
+                        "against llama-cpp-python's server (see bench_serve.py)")
     p.add_argument("--quant", default=None,
                    help="quantize weights before timing, e.g. rtn:w4:g32 (int4 kernels), rtn:w8:g-1 (int8), "
                         "awq:w4:g128; default: the checkpoint's weights in --dtype")
@@ -321,6 +322,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--csv", action="store_true")
     p.add_argument("--plot", default=None, help="PNG: tokens/s and prefill ms against prompt length")
     add_speculative_args(p, sweep=True)
+    from .bench_serve import add_args as add_serve_args
+
+    add_serve_args(p)
     p.set_defaults(func=cmd_bench)
 
 
@@ -331,6 +335,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     threads = args.threads or physical_cores()
     torch.set_num_threads(threads)
+    if args.task == "serve":
+        from .bench_serve import run as run_serve
+
+        return run_serve(args)
     if args.task == "speculative":
         from .bench_speculative import run
 

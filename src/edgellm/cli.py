@@ -23,7 +23,8 @@ TIMING_HEADERS = ["Example#", "Prompt Length (tokens)", "New Tokens Generated", 
                   "Prefill Phase (ms)", "Time/Token (ms)", "Tokens/Sec"]
 
 # Feature modules that add their own verbs: each exposes register(subparsers) -> None.
-FEATURE_MODULES: list[str] = ["edgellm.eval.cli", "edgellm.quant.cli", "edgellm.bench"]
+FEATURE_MODULES: list[str] = ["edgellm.eval.cli", "edgellm.quant.cli", "edgellm.bench", "edgellm.embed",
+                               "edgellm.serve.cli"]
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

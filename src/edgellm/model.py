@@ -77,6 +77,19 @@ class KVCache(nn.Module):
         return k_all, v_all, kpos
 
 
+    def row(self, r: int) -> KVCache:
+        """A one-sequence view of row r of a full (non-rolling) cache: writes land in this cache's storage.
+        Continuous batching prefills each pooled sequence through its row's view (slot == position)."""
+        if self.rolling:
+            raise ValueError("row views need a full cache (slot == position)")
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        view.rolling, view.size = False, self.size
+        view.register_buffer("k", self.k[r:r + 1], persistent=False)  # (1, Hkv, S, D) view
+        view.register_buffer("v", self.v[r:r + 1], persistent=False)
+        view.register_buffer("slot_pos", torch.arange(self.size), persistent=False)
+        return view
+
     def write(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Static-shape write of T positions (pos: (T,) long tensor) for the compiled decode/verify steps."""
         slot = pos % self.size if self.rolling else pos
@@ -240,6 +253,38 @@ class Attention(nn.Module):
         y = y.reshape(B, T, self.cfg.q_size)
         return self.o_proj(y.to(x.dtype))
 
+    def decode_rows(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: list[int],
+                    pos: list[int]) -> torch.Tensor:
+        """One new token for each of B sequences of a pooled cache (continuous batching): x (B, 1, C), sequence b
+        lives in cache row rows[b] at position pos[b]; cos/sin (B, D) are the rows of those positions.
+
+        Each row attends over exactly its own keys (slots lo..pos[b]) in its own kernel call, so a sequence's
+        result never depends on which others share the step: a batched answer equals the same request alone."""
+        B = x.shape[0]
+        H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
+        cache = self.cache
+        q, k, v = self.qkv_proj(x).split([self.cfg.q_size, self.cfg.kv_size, self.cfg.kv_size], dim=-1)
+        cos, sin = cos.to(x.dtype)[:, None, None], sin.to(x.dtype)[:, None, None]  # (B, 1, 1, D)
+        q = apply_rope(q.view(B, 1, H, D).transpose(1, 2), cos, sin)              # (B, H, 1, D)
+        k = apply_rope(k.view(B, 1, Hkv, D).transpose(1, 2), cos, sin)            # (B, Hkv, 1, D)
+        v = v.view(B, 1, Hkv, D).transpose(1, 2)
+        rows_t, pos_t = torch.tensor(rows), torch.tensor(pos)
+        cache.k[rows_t, :, pos_t] = k[:, :, 0]                                    # (B, Hkv, D) into (P, Hkv, S, D)
+        cache.v[rows_t, :, pos_t] = v[:, :, 0]
+        attend = None
+        if D == native.ATTENTION_HEAD_DIM:
+            attend = native.attention_bf16() if x.dtype == torch.bfloat16 else (
+                native.attention_f32() if x.dtype == torch.float32 else None)
+        ys = []
+        for b, (r, p) in enumerate(zip(rows, pos, strict=True)):
+            lo = 0 if self.window is None else max(0, p + 1 - self.window)
+            kk, vv = cache.k[r:r + 1, :, lo:p + 1], cache.v[r:r + 1, :, lo:p + 1]  # (1, Hkv, L, D): all visible
+            y = attend(q[b:b + 1], kk, vv, p - lo) if attend is not None else None  # (1, 1, H, D)
+            if y is None:
+                y = F.scaled_dot_product_attention(q[b:b + 1], kk, vv, enable_gqa=Hkv != H).transpose(1, 2)
+            ys.append(y.reshape(1, 1, self.cfg.q_size))
+        return self.o_proj(torch.cat(ys))                                          # (B, 1, C)
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -268,6 +313,11 @@ class DecoderLayer(nn.Module):
 
     def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def decode_rows(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: list[int],
+                    pos: list[int]) -> torch.Tensor:
+        x = x + self.self_attn.decode_rows(self.input_layernorm(x), cos, sin, rows, pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -322,6 +372,11 @@ class Transformer(nn.Module):
         if self.rope_cos is None or self.rope_cos.shape[0] < max_len:
             self.init_rope(max(max_len, cfg.max_seq_len))
 
+    def use_caches(self, caches: list[KVCache]) -> None:
+        """Point every layer at its cache from `caches` (a server switches between pooled rows and their views)."""
+        for layer, cache in zip(self.layers, caches, strict=True):
+            layer.self_attn.cache = cache
+
     def reset_cache(self) -> None:
         for layer in self.layers:
             if layer.self_attn.cache is not None:
@@ -361,3 +416,16 @@ class Transformer(nn.Module):
         """tokens (B, T) at positions pos ((T,) consecutive) -> logits (B, T, V), fp32: decode_step for T tokens
         at once (speculative verification), through the same per-row code, compiled per T."""
         return self.lm_head(self.norm(self._decode_hidden(tokens, pos))).float()
+
+    def batch_decode_step(self, tokens: torch.Tensor, rows: list[int], pos: list[int]) -> torch.Tensor:
+        """Continuous batching: tokens (B, 1), sequence b in cache row rows[b] at position pos[b] (the layers'
+        caches are the pooled ones, see use_caches) -> next-token logits (B, V), fp32."""
+        pos_t = torch.tensor(pos)
+        if self.rope_cos is None or self.rope_cos.shape[0] <= max(pos):
+            self.init_rope(max(max(pos) + 1, self.config.max_seq_len))
+        cos = self.rope_cos.index_select(0, pos_t)  # (B, D)
+        sin = self.rope_sin.index_select(0, pos_t)
+        x = self.embed_tokens(tokens)               # (B, 1, C)
+        for layer in self.layers:
+            x = layer.decode_rows(x, cos, sin, rows, pos)
+        return self.lm_head(self.norm(x))[:, -1].float()
