@@ -271,15 +271,20 @@ class Attention(nn.Module):
         rows_t, pos_t = torch.tensor(rows), torch.tensor(pos)
         cache.k[rows_t, :, pos_t] = k[:, :, 0]                                    # (B, Hkv, D) into (P, Hkv, S, D)
         cache.v[rows_t, :, pos_t] = v[:, :, 0]
+        lo = [0 if self.window is None else max(0, p + 1 - self.window) for p in pos]
+        batched = native.decode_attention()
+        if batched is not None:  # one C call for every row (each row's arithmetic its own)
+            y = batched(q[:, :, 0].contiguous(), cache.k, cache.v, rows, lo, pos)  # (B, H, D)
+            if y is not None:
+                return self.o_proj(y.reshape(B, 1, self.cfg.q_size))
         attend = None
         if D == native.ATTENTION_HEAD_DIM:
             attend = native.attention_bf16() if x.dtype == torch.bfloat16 else (
                 native.attention_f32() if x.dtype == torch.float32 else None)
         ys = []
-        for b, (r, p) in enumerate(zip(rows, pos, strict=True)):
-            lo = 0 if self.window is None else max(0, p + 1 - self.window)
-            kk, vv = cache.k[r:r + 1, :, lo:p + 1], cache.v[r:r + 1, :, lo:p + 1]  # (1, Hkv, L, D): all visible
-            y = attend(q[b:b + 1], kk, vv, p - lo) if attend is not None else None  # (1, 1, H, D)
+        for b, (r, a, p) in enumerate(zip(rows, lo, pos, strict=True)):
+            kk, vv = cache.k[r:r + 1, :, a:p + 1], cache.v[r:r + 1, :, a:p + 1]  # (1, Hkv, L, D): all visible
+            y = attend(q[b:b + 1], kk, vv, p - a) if attend is not None else None  # (1, 1, H, D)
             if y is None:
                 y = F.scaled_dot_product_attention(q[b:b + 1], kk, vv, enable_gqa=Hkv != H).transpose(1, 2)
             ys.append(y.reshape(1, 1, self.cfg.q_size))

@@ -233,3 +233,24 @@ def test_status_line_names_each_kernel_tried(monkeypatch):
     assert native.status() == ""
     monkeypatch.setattr(native, "reasons", {"dequant_int4": "", "attention_bf16": "EDGELLM_NATIVE=0"})
     assert native.status() == "C kernels: attention_bf16 off (EDGELLM_NATIVE=0), dequant_int4 on"
+
+
+# ------------------------------------------------------------------------------------------------ decode attention
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.02)])
+def test_decode_attention_matches_sdpa_per_row_and_ignores_the_other_rows(dtype, tol):
+    if native._compiler() is None:
+        pytest.skip("no C compiler")
+    attend = native.decode_attention()
+    assert attend is not None, native.reasons["decode_attention"]  # plain C: builds wherever a compiler is
+    g = torch.Generator().manual_seed(9)
+    k, v = torch.randn(2, 5, 3, 300, 64, generator=g).to(dtype)            # (P, Hkv, S, D)
+    q = torch.randn(4, 9, 64, generator=g).to(dtype)                        # (B, H, D)
+    rows, lo, hi = [4, 1, 0, 2], [0, 0, 100, 7], [299, 0, 163, 7]          # full, one key, a window, one key
+    got = attend(q, k, v, rows, lo, hi)
+    torch.testing.assert_close(got.float(), native._decode_attention_reference(q, k, v, rows, lo, hi),
+                               atol=tol, rtol=0)
+    for b in range(4):
+        assert torch.equal(attend(q[b:b + 1].contiguous(), k, v, rows[b:b + 1], lo[b:b + 1], hi[b:b + 1])[0], got[b])
+    assert attend(q, k, v, rows, lo, [300, 0, 163, 7]) is None            # a key past the cache: declined
+    assert attend(q, k, v, [5, 1, 0, 2], lo, hi) is None                  # a row past the pool
+    assert attend(q.float() if dtype == torch.bfloat16 else q.bfloat16(), k, v, rows, lo, hi) is None

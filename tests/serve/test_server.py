@@ -57,13 +57,11 @@ def rss_kb(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-@pytest.fixture(scope="module")
-def server():
+def start_server(*flags: str):
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "edgellm.cli", "serve", "--port", str(port), "--api-key", KEY,
-                             "--parallel", str(PARALLEL), "--ctx-size", str(CTX), "--max-body", "65536"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                             *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     statuses = set()
     deadline = time.time() + 180
     try:
@@ -87,6 +85,11 @@ def server():
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def server():
+    yield from start_server("--parallel", str(PARALLEL), "--ctx-size", str(CTX), "--max-body", "65536")
 
 
 @pytest.fixture(scope="module")
@@ -387,3 +390,22 @@ def test_no_memory_growth_over_1000_requests(server, model_id):
     burst(900)
     after_1000 = rss_kb(server["pid"])
     assert after_1000 <= after_100 * 1.10, (after_100, after_1000)
+
+
+def test_a_full_queue_answers_503_with_retry_after():
+    """One row, no queue: while a long answer streams, the next request is turned away (and the server lives)."""
+    for srv in start_server("--parallel", "1", "--max-queue", "0", "--ctx-size", "512"):
+        port = srv["port"]
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
+        model = client.models.list().data[0].id
+        stream = client.completions.create(model=model, prompt="Once upon a time", max_tokens=400, temperature=0,
+                                           stream=True)
+        next(iter(stream))  # the row is taken
+        s, headers, body = request(port, "POST", "/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 2})
+        assert s == 503 and int(headers["retry-after"]) >= 1 and json.loads(body)["error"]["code"] == "queue_full"
+        stream.close()
+        deadline = time.time() + 10
+        while (s := request(port, "POST", "/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 2})[0]) \
+                == 503 and time.time() < deadline:
+            time.sleep(0.1)
+        assert s == 200

@@ -3,6 +3,7 @@
 - `dequant_int4.c`: torch's packed int4 layout -> transposed bf16 weight, for int4 prefill (quant/linear.py).
 - `attention_bf16.c`: causal attention for bf16 prefill with AVX512-BF16 dot products (model.py).
 - `attention_f32.c`: the same for fp32 prefill with AVX2 + FMA (CPUs without native bf16).
+- `decode_attention.c`: one decode step of attention for sequences in rows of a pooled cache (serve/engine.py).
 
 Each is compiled with the system C compiler (`$CC`, else cc/gcc/clang; `-O3 -march=native -fopenmp`, ~0.3 s),
 cached in `~/.cache/edgellm/native/` under a hash of the source, compiler, flags and CPU, and checked against
@@ -31,7 +32,7 @@ from . import cpu
 
 CSRC = Path(__file__).with_name("csrc")
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
-BASELINE_KERNELS = {"qmatmul", "attention_f32"}
+BASELINE_KERNELS = {"qmatmul", "attention_f32", "decode_attention"}
 # why a kernel is off, by name ("" once it is on)
 reasons: dict[str, str] = {}
 
@@ -319,3 +320,66 @@ def attention_bf16() -> Attention | None:
 def attention_f32() -> Attention | None:
     """The fp32 C attention kernel (AVX2 + FMA), or None (the reason is in `reasons["attention_f32"]`)."""
     return _attention_kernel("attention_f32", "avx2", torch.float32)
+
+
+DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list[int], list[int], list[int]],
+                           torch.Tensor | None]
+
+
+def _wrap_decode_attention(fn: ctypes._CFuncPtr) -> DecodeAttention:
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: list[int], lo: list[int],
+               hi: list[int]) -> torch.Tensor | None:
+        """q (B, H, D) of sequence b in cache row rows[b] attending to its keys lo[b]..hi[b] of k, v (P, Hkv, S, D),
+        all contiguous fp32 or bf16 -> (B, H, D). None if the kernel declined."""
+        if (q.dtype not in (torch.float32, torch.bfloat16) or any(t.dtype != q.dtype or not t.is_contiguous()
+                                                                   for t in (q, k, v)) or k.shape != v.shape
+                or any(not 0 <= r < k.shape[0] for r in rows)):
+            return None
+        B, H, D = q.shape
+        out = torch.empty_like(q)
+        idx = (ctypes.c_int64 * (3 * B))(*rows, *lo, *hi)
+        base = ctypes.addressof(idx)
+        rc = fn(int(q.dtype == torch.bfloat16), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                base, base + 8 * B, base + 16 * B, B, H, k.shape[1], k.shape[2], D, D ** -0.5,
+                torch.get_num_threads())
+        return out if rc == 0 else None
+
+    return attend
+
+
+def _decode_attention_reference(q, k, v, rows, lo, hi) -> torch.Tensor:
+    outs = []
+    for b, (r, a, z) in enumerate(zip(rows, lo, hi, strict=True)):
+        kk, vv = k[r, :, a:z + 1].float(), v[r, :, a:z + 1].float()  # (Hkv, L, D)
+        outs.append(torch.nn.functional.scaled_dot_product_attention(q[b, :, None].float(), kk, vv,
+                                                                     enable_gqa=True)[:, 0])
+    return torch.stack(outs)
+
+
+def _decode_attention_self_check(attend: DecodeAttention) -> bool:
+    """Against fp32 SDPA: both dtypes, GQA, rows out of order, windows (lo > 0), one key; and a row's result must
+    not depend on the rows batched with it."""
+    g = torch.Generator().manual_seed(5)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 0.02)):
+        k, v = torch.randn(2, 4, 2, 40, 64, generator=g).to(dtype)
+        q = torch.randn(3, 6, 64, generator=g).to(dtype)
+        rows, lo, hi = [3, 0, 2], [0, 5, 0], [39, 20, 0]
+        got = attend(q, k, v, rows, lo, hi)
+        if got is None or (got.float() - _decode_attention_reference(q, k, v, rows, lo, hi)).abs().max() > tol:
+            return False
+        alone = attend(q[1:2].contiguous(), k, v, rows[1:2], lo[1:2], hi[1:2])
+        if alone is None or not torch.equal(alone[0], got[1]):
+            return False
+    return True
+
+
+@functools.cache
+def decode_attention() -> DecodeAttention | None:
+    """The batched decode-attention kernel, or None (the reason is in `reasons["decode_attention"]`)."""
+    fns = _functions("decode_attention", "edgellm_decode_attention")
+    if fns is None:
+        return None
+    (fn,) = fns
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int]
+    return _verified("decode_attention", _wrap_decode_attention(fn), _decode_attention_self_check)

@@ -121,7 +121,9 @@ class Engine:
         self._thread.join(timeout=10)
 
     def queue_full(self) -> bool:
-        return len(self.waiting) + self.inbox.qsize() >= self.max_queue + self.parallel
+        """True when every row is busy and max_queue requests already wait (read from another thread: a
+        snapshot, which is all a 503 needs)."""
+        return len(self.running) + len(self.waiting) + self.inbox.qsize() >= self.parallel + self.max_queue
 
     def submit(self, req: Request) -> None:
         self.inbox.put(req)
