@@ -48,6 +48,7 @@ class ServerConfig:
     max_body_bytes: int = 4 << 20
     cors: tuple[str, ...] = ()
     model_id: str | None = None
+    adapter: str | None = None  # a PEFT LoRA adapter folder
 
 
 class ApiError(Exception):
@@ -81,7 +82,7 @@ class Server:
             from .. import api
             from .grammar import GrammarFactory
 
-            llm = api.load(self.cfg.model, dtype=self.cfg.dtype)
+            llm = api.load(self.cfg.model, dtype=self.cfg.dtype, adapter=self.cfg.adapter)
             ctx = min(self.cfg.ctx_size, llm.config.max_seq_len)
             engine = Engine(llm.model, llm.tokenizer, self.cfg.parallel, ctx, self.cfg.max_queue, self.metrics)
             self.grammars = GrammarFactory(llm.tokenizer, llm.config.vocab_size)

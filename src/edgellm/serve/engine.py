@@ -183,7 +183,11 @@ class Engine:
             self._admit(self.waiting.pop(0))
         prefilling = [s for s in self.running if s.prefilling]
         if prefilling:  # one chunk per iteration, oldest request first
-            self._prefill_chunk(min(prefilling, key=lambda s: s.req.id))
+            seq = min(prefilling, key=lambda s: s.req.id)
+            try:
+                self._prefill_chunk(seq)
+            except Exception as e:  # fail this request only
+                self._finish(seq, None, error=f"internal error: {type(e).__name__}: {e}")
         decoding = [s for s in self.running if not s.prefilling and s.next_token is not None]
         if decoding:
             self._decode(decoding)
@@ -232,7 +236,10 @@ class Engine:
             seq.row.tokens.append(seq.next_token)
             seq.pos += 1
             seq.next_token = None
-            self._accept(seq, logits[i])
+            try:
+                self._accept(seq, logits[i])
+            except Exception as e:  # one request's sampling problem must not fail the others
+                self._finish(seq, None, error=f"internal error: {type(e).__name__}: {e}")
 
     def _accept(self, seq: Sequence, logits: torch.Tensor) -> None:
         """Sample the next token from fp32 logits (V,), hand out its text, or finish the sequence."""
@@ -244,7 +251,10 @@ class Engine:
             seen = torch.tensor(req.prompt_ids + seq.generated)
             logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
         if req.matcher is not None:
-            logits = logits.masked_fill(~req.matcher.mask(), float("-inf"))
+            allowed = req.matcher.mask()
+            if not allowed.any():  # the grammar reached a dead end (llguidance reports why)
+                return self._finish(seq, None, error=f"response_format: {req.matcher.error or 'no valid token'}")
+            logits = logits.masked_fill(~allowed, float("-inf"))
         if p.temperature == 0:
             token = int(logits.argmax())
         else:
