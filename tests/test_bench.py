@@ -159,3 +159,15 @@ def test_a_peer_that_crashes_is_skipped_with_its_error(tmp_path):
            "max_context": 64, "threads": 1, "n_ctx": 16, "model_path": str(tmp_path / "missing"), "dtype": "float32"}
     assert start_peer("transformers", job, notes.append) is None
     assert notes[-1].startswith("note: peer transformers failed (") and len(notes[-1].splitlines()) == 1
+
+
+def test_serve_task_drives_a_real_server(capsys):
+    """`bench --task serve` starts `edgellm serve` as a process and measures streams (tiny settings)."""
+    pytest.importorskip("fastapi")
+    assert cli.main(["bench", "--task", "serve", "--streams", "1", "2", "--new-tokens", "4", "--repeat", "1",
+                     "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    (ours,) = out["engines"]
+    assert not ours["error"] and [s["streams"] for s in ours["summaries"]] == [1, 2]
+    assert all(s["failed"] == 0 and s["tokens_per_s"] > 0 for s in ours["summaries"])
+    assert out["goal"] is None and "cpu_path" in out  # the goal is judged at 8 streams, not run here

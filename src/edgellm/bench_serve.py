@@ -23,13 +23,10 @@ Arguments read from the `bench` parser (`args`):
     --new-tokens            max_tokens per request (bench's default applies; the issue's setting is 64)
     --repeat                rounds per engine; medians are reported (the issue's setting is 3)
     --peer llamacpp         also run `python -m llama_cpp.server` (import it from PYTHONPATH or the venv)
-    --threads               the peer's --n_threads/--n_threads_batch, and ours' --threads if `serve` has it
-                            (default: physical cores)
+    --threads               both servers' threads (default: physical cores)
     --json                  one JSON object on stdout instead of tables
-    --no-ours               (standalone runs only) skip our server: check the harness against the peer alone
 
-Standalone, with the issue's defaults (until `edgellm bench --task serve` calls `run`):
-    python -m edgellm.bench_serve --peer llamacpp --streams 1 4 8 16 --new-tokens 64 --repeat 3
+The issue's settings: edgellm bench --task serve --peer llamacpp --streams 1 4 8 16 --new-tokens 64 --repeat 3
 """
 
 from __future__ import annotations
@@ -78,23 +75,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="serve task: sequential streaming requests per stream (default: 2)")
     parser.add_argument("--parallel", type=int, default=None,
                         help="serve task: our server's --parallel (default: the largest --streams)")
-
-
-def _standalone_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m edgellm.bench_serve", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", "-m", default=None)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--peer", action="append", default=[], choices=["llamacpp"])
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--no-ours", action="store_true", help="skip our server (check the harness on the peer)")
-    add_args(p)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run(_standalone_parser().parse_args(argv))
 
 
 # ------------------------------------------------------------------------------------------------ prompts
@@ -224,20 +204,9 @@ class Server:
         self.output.close()
 
 
-def _ours_help() -> str:
-    try:
-        out = subprocess.run([sys.executable, "-m", "edgellm.cli", "serve", "--help"], capture_output=True,
-                             text=True, timeout=120)
-        return out.stdout
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 def ours_command(model: str, port: int, parallel: int, ctx: int, threads: int) -> list[str]:
     cmd = [sys.executable, "-m", "edgellm.cli", "serve", "--model", model, "--host", "127.0.0.1",
-           "--port", str(port), "--parallel", str(parallel), "--ctx-size", str(ctx)]
-    if "--threads" in _ours_help():
-        cmd += ["--threads", str(threads)]
+           "--port", str(port), "--parallel", str(parallel), "--ctx-size", str(ctx), "--threads", str(threads)]
     return cmd
 
 
@@ -634,18 +603,10 @@ def run(args: argparse.Namespace) -> int:
                             "new_tokens": new_tokens, "repeat": repeat, "parallel": parallel, "ctx_size": ctx}
     runs: list[EngineRun] = []
     rc = 0
-    if not getattr(args, "no_ours", False):
-        from importlib.util import find_spec
-
-        if find_spec("edgellm.serve") is None:
-            print("error: edgellm serve is not available (no edgellm.serve package)", file=sys.stderr)
-            runs.append(EngineRun(OURS, [], error="edgellm serve is not available"))
-            rc = 1
-        else:
-            port = free_port()
-            runs.append(bench_server(OURS, ours_command(str(model_path), port, parallel, ctx, threads), port, plan,
-                                     repeat, streams, new_tokens, warmup_prompts, log))
-            rc = 1 if runs[-1].error else 0
+    port = free_port()
+    runs.append(bench_server(OURS, ours_command(str(model_path), port, parallel, ctx, threads), port, plan,
+                             repeat, streams, new_tokens, warmup_prompts, log))
+    rc = 1 if runs[-1].error else 0
     for peer in peers:
         if peer != "llamacpp":
             log(f"note: peer {peer} has no server; skipped")
@@ -670,6 +631,3 @@ def run(args: argparse.Namespace) -> int:
         print_tables(meta, runs)
     return rc
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
