@@ -250,7 +250,9 @@ def test_errors_are_openai_shaped(server, client, model_id):
         return err
 
     for bad in ({"temperature": -1}, {"temperature": "hot"}, {"max_tokens": 0}, {"top_p": 2}, {"n": 0},
-                {"messages": []}, {"messages": "hi"}, {"logit_bias": {"x": 1}}, {"seed": 1.5}):
+                {"messages": []}, {"messages": "hi"}, {"logit_bias": {"x": 1}}, {"seed": 1.5},
+                {"tools": [{"type": "function", "function": {"name": "f"}}]},
+                {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}):
         s, _, b = request(port, "POST", "/v1/chat/completions", {"model": model_id, "messages": MESSAGES, **bad})
         assert s == 400, bad
         check(s, b)

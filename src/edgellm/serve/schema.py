@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Int = Annotated[int, Field(strict=True)]
 Num = Annotated[float, Field(allow_inf_nan=False)]
@@ -63,6 +63,16 @@ class ChatRequest(Sampling):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(strict=True, ge=0, le=20)] | None = None
     response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def no_tools(cls, value: list[Any] | None) -> list[Any] | None:
+        # a request that offers tools is refused rather than answered as if it had none
+        if value:
+            raise ValueError("tool calling is not supported by this server")
+        return value
 
 
 class CompletionRequest(Sampling):
