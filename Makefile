@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 	touch $@
 
 $(TSTAMP): $(STAMP)
-	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet -e ".[test,lmeval]"
 	touch $@
 
 install: $(STAMP)

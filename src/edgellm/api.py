@@ -108,7 +108,8 @@ class LLM:
 
 def load(model: str | Path | None = None, dtype: str | torch.dtype = "auto", rope_type: str | None = None,
          compile: bool = False, keep_quantized: bool | None = None, speculative: str | None = None,
-         draft_model: str | Path | None = None, draft_k: int | None = None) -> LLM:
+         draft_model: str | Path | None = None, draft_k: int | None = None,
+         adapter: str | Path | None = None) -> LLM:
     """Load a model: None (bundled SmolLM2-135M-Instruct), a .gguf file, an HF folder or a hub id.
 
     compile=True runs decoding through a torch.compile'd step (the CLI's default; first use compiles,
@@ -116,11 +117,13 @@ def load(model: str | Path | None = None, dtype: str | torch.dtype = "auto", rop
 
     speculative: "lookup" (prompt n-gram lookup), "self" (the checkpoint's 4-bit weights draft for this
     higher-precision model: dtype "auto" then means an fp32 target, a GGUF's blocks dequantized), or "draft"
-    (`draft_model`, same tokenizer); draft_k: tokens per draft, None = adaptive. See edgellm/speculative.py."""
+    (`draft_model`, same tokenizer); draft_k: tokens per draft, None = adaptive. See edgellm/speculative.py.
+
+    adapter: a PEFT LoRA adapter folder (`edgellm finetune` writes them; PEFT's load too)."""
     if speculative is not None:
         check_k(draft_k)
         dtype, keep_quantized = target_load_options(speculative, dtype, keep_quantized)
-    loaded = load_model(model, dtype=dtype, rope_type=rope_type, keep_quantized=keep_quantized)
+    loaded = load_model(model, dtype=dtype, rope_type=rope_type, keep_quantized=keep_quantized, adapter=adapter)
     speculator = None
     if speculative is not None:
         speculator = build_speculator(speculative, loaded, k=draft_k, draft_model=draft_model, draft_dtype="auto",

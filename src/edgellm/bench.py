@@ -349,7 +349,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     dtype, keep_quantized = target_load_options((args.speculative or [None])[0], args.dtype,
                                                 False if args.quant else None)
-    loaded = load_model(args.model, dtype=dtype, rope_type=args.rope_type, keep_quantized=keep_quantized)
+    loaded = load_model(args.model, dtype=dtype, rope_type=args.rope_type, keep_quantized=keep_quantized,
+                        adapter=getattr(args, "adapter", None))
     load_s = time.perf_counter() - t0  # reading the checkpoint into its final dtype/packing, nothing else
     speculator = None
     if args.speculative:

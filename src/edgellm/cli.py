@@ -24,7 +24,7 @@ TIMING_HEADERS = ["Example#", "Prompt Length (tokens)", "New Tokens Generated", 
 
 # Feature modules that add their own verbs: each exposes register(subparsers) -> None.
 FEATURE_MODULES: list[str] = ["edgellm.eval.cli", "edgellm.quant.cli", "edgellm.bench", "edgellm.embed",
-                               "edgellm.serve.cli"]
+                               "edgellm.serve.cli", "edgellm.finetune.cli", "edgellm.eval.lmeval_cli"]
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -35,6 +35,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "Q4_0/Q4_1/Q8_0 weights stay quantized (an explicit dtype dequantizes them)")
     p.add_argument("--rope-type", "--rope_type", dest="rope_type", default=None,
                    choices=["simple", "llama3.1", "llama3.2"], help="override the checkpoint's RoPE scaling")
+    p.add_argument("--adapter", default=None,
+                   help="a LoRA adapter folder in PEFT's format (edgellm finetune's --out, or PEFT's)")
 
 
 def add_compile_args(p: argparse.ArgumentParser) -> None:
@@ -83,7 +85,7 @@ def load_from_args(args: argparse.Namespace) -> LLM:
 
     return load(args.model, dtype=args.dtype, rope_type=args.rope_type, compile=getattr(args, "compile", False),
                 speculative=getattr(args, "speculative", None), draft_model=getattr(args, "draft_model", None),
-                draft_k=getattr(args, "draft_k", None))
+                draft_k=getattr(args, "draft_k", None), adapter=getattr(args, "adapter", None))
 
 
 # ---------------------------------------------------------------------------------------------- verbs
@@ -189,6 +191,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.rope_type:
         config.with_rope_type(args.rope_type)
     print(info_report(config, args.context, model))
+    if args.train:
+        from .info import training_report
+
+        print("\n" + training_report(config, args.train, args.seqlen, args.batch, args.lora_r))
     print(f"\nCPU: {cpu.summary()}\n")
     print(markdown_table(["operation", "path on this CPU"], [[k, v] for k, v in cpu.paths().items()]))
     return 0
@@ -244,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="an HF config.json to describe (no weights needed)")
     p.add_argument("--context", type=int, default=8192, help="context length for the KV-cache column")
     p.add_argument("--load", action="store_true", help="load the weights and print the live module tree")
+    p.add_argument("--train", nargs="+", default=None, choices=["full", "lora", "qlora"],
+                   help="add the training-memory table (weights, gradients, AdamW states, activations)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per training sequence (--train)")
+    p.add_argument("--batch", type=int, default=4, help="sequences per micro-batch (--train)")
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank on q,k,v,o (--train)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("demo", help="the main job: answer three prompts and print the timing table")

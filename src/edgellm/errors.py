@@ -27,3 +27,7 @@ class ContextLengthError(EdgeLLMError):
 
 class InvalidArgumentError(EdgeLLMError, ValueError):
     """An argument has an invalid value (e.g. a negative temperature)."""
+
+
+class DataFormatError(InvalidArgumentError):
+    """A training or evaluation data file is missing, malformed or has a bad record (file:line: field)."""

@@ -61,12 +61,14 @@ def compiler_available() -> str | None:
 @functools.cache
 def _source_hash() -> str:
     """The source of the modules the decode step runs, read once (as this process runs them)."""
+    from . import lora
     from .kernels import blocklinear, blockq
     from .kernels import torch_lowbit as kernels
     from .quant import linear
 
     h = hashlib.sha256()
-    for mod in (sys.modules[Transformer.__module__], linear, kernels, blocklinear, blockq, sys.modules[__name__]):
+    for mod in (sys.modules[Transformer.__module__], linear, kernels, blocklinear, blockq, lora,
+                sys.modules[__name__]):
         h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()
 

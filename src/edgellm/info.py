@@ -94,3 +94,15 @@ def info_report(config: ModelConfig, context: int, model: torch.nn.Module | None
               markdown_table(["Precision", "Bytes/weight", "Weights (GB)", "Nominal (GB)",
                               f"KV cache @{context} (GB)", "Total (GB)"], memory_rows(config, context))]
     return "\n".join(lines)
+
+
+def training_report(config: ModelConfig, methods: list[str], seqlen: int, batch: int, r: int = 16) -> str:
+    """The training-memory table (edgellm/finetune/memory.py): bf16 compute where the CPU has it, as training."""
+    from .finetune.memory import training_rows
+    from .kernels import cpu
+
+    b = 2 if cpu.auto_dtype() == "bf16" else 4
+    rows = training_rows(config, seqlen, batch, r, compute_bytes=b, methods=tuple(dict.fromkeys(methods)))
+    head = (f"Training memory (GB; batch {batch} x {seqlen} tokens, LoRA r {r} on q,k,v,o, AdamW; frozen weights "
+            f"and activations in {'bf16' if b == 2 else 'fp32'}; full = fp32 weights + grads + 2 moments = 16 B/param)")
+    return head + "\n\n" + markdown_table(["Method", "Weights", "Gradients", "Optimizer", "Activations", "Total"], rows)

@@ -27,6 +27,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (auto: bf16 on CPUs with native bf16, else fp32)")
     p.add_argument("--rope-type", "--rope_type", dest="rope_type", default=None,
                    choices=["simple", "llama3.1", "llama3.2"], help="override the checkpoint's RoPE scaling")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder in PEFT's format")
     p.add_argument("--cache-dir", default=None,
                    help=f"where finished items are kept for resuming (default: {default_cache_dir()})")
     p.add_argument("--no-cache", action="store_true", help="keep results in memory only (no resume)")
@@ -56,11 +57,18 @@ def _load(model: str | None, args: argparse.Namespace) -> Any:
         torch.set_num_threads(args.threads)
     # "auto" keeps a GGUF's quantized blocks, except when --quant re-quantizes from float weights
     keep = None if not getattr(args, "quant", None) else False
-    return load(model, dtype=args.dtype, rope_type=args.rope_type, keep_quantized=keep)
+    return load(model, dtype=args.dtype, rope_type=args.rope_type, keep_quantized=keep,
+                adapter=getattr(args, "adapter", None))
 
 
-def _name(model: str | None) -> str:
-    return model or "SmolLM2-135M-Instruct (default)"
+def _name(model: str | None, args: argparse.Namespace | None = None) -> str:
+    name = model or "SmolLM2-135M-Instruct (default)"
+    adapter = getattr(args, "adapter", None)
+    if adapter:  # cached results must follow the adapter's weights, not just its folder name
+        from ..lora import adapter_fingerprint
+
+        name += f" + adapter {adapter} ({adapter_fingerprint(adapter)})"
+    return name
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -86,12 +94,12 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
             corpus = load_corpus(data, split=args.split, protocol=args.protocol, data_dir=args.data_dir)
             t = time.perf_counter()
             ids = llm.tokenizer.encode(corpus.text)
-            _note(args, f"{_name(model)} [{llm.dtype}] {corpus.name}: {len(ids)} tokens "
+            _note(args, f"{_name(model, args)} [{llm.dtype}] {corpus.name}: {len(ids)} tokens "
                         f"({time.perf_counter() - t:.1f} s to tokenize), protocol {args.protocol}")
             for seqlen in args.seqlen:
                 r = evaluate_perplexity(llm, ids, seqlen, protocol=args.protocol, nsamples=args.nsamples,
                                         store=store, batch_tokens=args.batch_tokens, progress=_progress(args),
-                                        data=corpus.name, source=corpus.source, model_name=_name(model))
+                                        data=corpus.name, source=corpus.source, model_name=_name(model, args))
                 _note(args, f"  seqlen {seqlen}: PPL {r.ppl:.4f} over {r.windows} windows "
                             f"({r.tokens_scored} tokens scored) in {r.wall_s:.1f} s")
                 results.append(r)
@@ -121,8 +129,8 @@ def cmd_mmlu(args: argparse.Namespace) -> int:
         for maxlen in args.maxlen:
             r = evaluate_mmlu(llm, shot=args.shot, maxlen=maxlen, subjects=args.subjects, limit=args.limit,
                               data_dir=args.data, scoring=args.scoring, store=store,
-                              batch_tokens=args.batch_tokens, progress=_progress(args), model_name=_name(model))
-            _note(args, f"{_name(model)} maxlen {maxlen}: total macro-average / total micro-average = "
+                              batch_tokens=args.batch_tokens, progress=_progress(args), model_name=_name(model, args))
+            _note(args, f"{_name(model, args)} maxlen {maxlen}: total macro-average / total micro-average = "
                         f"{r.macro:.4f} / {r.micro:.4f} ({r.correct}/{r.total}, {r.wall_s:.1f} s)")
             results.append(r)
     if args.json:
@@ -166,8 +174,8 @@ def cmd_reasoning(args: argparse.Namespace) -> int:
         for task in tasks:
             r = evaluate_task(llm, task, shot=args.shot, modes=modes, limit=args.limit, data_dir=args.data_dir,
                               store=store, batch_tokens=args.batch_tokens, progress=_progress(args),
-                              model_name=_name(model))
-            _note(args, f"{_name(model)} {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in r.metrics.items())
+                              model_name=_name(model, args))
+            _note(args, f"{_name(model, args)} {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in r.metrics.items())
                   + f" ({r.items} items, {r.wall_s:.1f} s)")
             results.append(r)
     if args.json:

@@ -5,7 +5,7 @@ mc  the seeds' lettered prompt: "The following are multiple choice questions (wi
     "\\nAnswer:"; the prediction is the answer letter with the highest next-token logit (`acc`), and
     `acc_argmax` compares the decoded argmax over the whole vocabulary with the letter.
 ll  lm-evaluation-harness's log-likelihood scoring: the sum of log p(continuation tokens | context) per
-    choice; `acc` takes the highest, `acc_norm` the highest per character of the continuation. Contexts are
+    choice; `acc` takes the highest, `acc_norm` the highest per character of the choice. Contexts are
     "Question: <q>\\nAnswer:" (ARC, PIQA, CommonsenseQA), "<activity>: <ctx>" (HellaSwag),
     "<passage>\\nQuestion: <q>?\\nAnswer:" with " no"/" yes" (BoolQ), and the sentence up to the blank with
     each option filled in, scoring the rest of the sentence (WinoGrande, partial scoring). Shots are
@@ -62,6 +62,11 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
     if not cont:
         cont = tokenizer.encode(continuation, add_bos=False)
     return ctx, cont
+
+
+def choice_chars(continuation: str) -> int:
+    """acc_norm's length: lm-eval divides by the choice's characters, without the " " it is scored after."""
+    return len(continuation) - 1 if continuation.startswith(" ") else len(continuation)
 
 
 def shots_for(index: int, items: list[MCItem], pool: list[MCItem] | None, k: int) -> tuple[str, list[MCItem]]:
@@ -176,7 +181,7 @@ def evaluate_task(llm: Any, task: str, *, shot: int = 0, modes: tuple[str, ...] 
         acc = acc_norm = 0
         for i, it in enumerate(items):
             ll = [lls[i][c] for c in range(len(it.choices))]
-            norm = [v / max(len(it.continuations[c]), 1) for c, v in enumerate(ll)]
+            norm = [v / max(choice_chars(it.continuations[c]), 1) for c, v in enumerate(ll)]
             acc += int(max(range(len(ll)), key=ll.__getitem__) == it.gold)
             acc_norm += int(max(range(len(norm)), key=norm.__getitem__) == it.gold)
         metrics["ll_acc"] = acc / len(items)

@@ -37,6 +37,7 @@ class LoadedModel:
     source: str          # what the user asked for
     path: Path           # the file or folder read
     format: str          # "gguf" | "hf"
+    adapter: str | None = None  # the LoRA adapter folder applied (merged into float weights, wrapping quantized)
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -141,10 +142,13 @@ def _is_gguf_file(path: Path) -> bool:
 
 
 def load_model(model: str | Path | None = None, dtype: str | torch.dtype = "auto",
-               rope_type: str | None = None, keep_quantized: bool | None = None) -> LoadedModel:
+               rope_type: str | None = None, keep_quantized: bool | None = None,
+               adapter: str | Path | None = None) -> LoadedModel:
     """dtype: the activation dtype ("auto": per CPU, see parse_dtype). keep_quantized: GGUF Q4_0/Q4_1/Q8_0
     weights stay in their blocks and run on the int8-activation kernels; default: only with dtype "auto" (an
-    explicit bf16/fp32/fp16 dequantizes every weight to that dtype, as does quantizing again with --quant)."""
+    explicit bf16/fp32/fp16 dequantizes every weight to that dtype, as does quantizing again with --quant).
+    adapter: a PEFT LoRA folder, merged into float weights and wrapped around quantized ones
+    (edgellm/lora.py)."""
     torch_dtype = parse_dtype(dtype)
     if keep_quantized is None:
         keep_quantized = dtype == "auto"
@@ -190,5 +194,10 @@ def load_model(model: str | Path | None = None, dtype: str | torch.dtype = "auto
     else:
         net = ckpt.build(torch_dtype)
     del ckpt  # closes the checkpoint's file mappings before the heap is trimmed
+    if adapter is not None:
+        from ..lora import apply_adapter
+
+        apply_adapter(net, config, adapter)
     release_free_memory()  # the streamed temporaries' heap pages
-    return LoadedModel(net, tokenizer, config, str(model) if model else "default", path, fmt)
+    return LoadedModel(net, tokenizer, config, str(model) if model else "default", path, fmt,
+                       str(adapter) if adapter is not None else None)

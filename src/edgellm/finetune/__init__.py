@@ -1,0 +1,1 @@
+"""`edgellm finetune` / `edgellm merge`: LoRA and QLoRA on the CPU, adapters in PEFT's format."""

@@ -1,0 +1,98 @@
+"""The training-memory calculator (`edgellm info --train full|lora|qlora --seqlen N --batch B`).
+
+The training counterpart of the seeds' inference table: weights, gradients, optimizer states and activations.
+- full: fp32 weights (4 B), fp32 gradients (4 B) and AdamW's two moments (8 B): the published 16 bytes/parameter.
+- lora: frozen weights in the compute dtype; LoRA weights, gradients and moments in fp32 (16 B per LoRA parameter).
+- qlora: frozen linears in 4-bit blocks (Q4_1: 5 bits per weight with its scale and minimum), the rest as lora.
+Activations are what autograd keeps for backward in edgellm's training forward (per token and layer, counted
+tensor by tensor in `activation_bytes_per_token`), plus one chunk of the chunked cross-entropy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import ModelConfig
+from ..info import GB, count_parameters
+
+METHODS = ("full", "lora", "qlora")
+QLORA_BITS = 5.0        # Q4_1 / int4 g32 with fp16 scale + minimum per 32 weights
+CE_CHUNK_BYTES = (1 << 23) * 12  # logits chunk: bf16/fp32 logits, their fp32 copy and gradient
+
+
+@dataclass
+class TrainingMemory:
+    method: str
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+
+def lora_parameters(config: ModelConfig, r: int = 16, targets: tuple[str, ...] = ("q", "k", "v", "o")) -> int:
+    c = config
+    dims = {"q": (c.hidden_size, c.q_size), "k": (c.hidden_size, c.kv_size), "v": (c.hidden_size, c.kv_size),
+            "o": (c.q_size, c.hidden_size), "gate": (c.hidden_size, c.intermediate_size),
+            "up": (c.hidden_size, c.intermediate_size), "down": (c.intermediate_size, c.hidden_size)}
+    return c.num_layers * sum(r * (dims[t][0] + dims[t][1]) for t in targets)
+
+
+def activation_bytes_per_token(config: ModelConfig, b: int, targets: tuple[str, ...], lora: bool,
+                               grad_checkpoint: bool = False) -> float:
+    """Bytes autograd keeps per token for one decoder layer (b: bytes per activation value)."""
+    c = config
+    C, q, kv, inter, H = c.hidden_size, c.q_size, c.kv_size, c.intermediate_size, c.num_heads
+    if grad_checkpoint:
+        return b * C  # the layer input only; one layer's full set is recomputed at a time
+    norms = 2 * (4 * C + 4 + b * C)                     # fp32 input + rsqrt, normalised output (x2 norms)
+    attn = b * (q + 2 * kv) + b * (q + kv) + 2 * b * q + 4 * H  # qkv out, rotated q/k, SDPA out + copy, lse
+    mlp = 4 * b * inter                                 # gate_up out, silu(gate), product (down's input)
+    extra = 0.0
+    if lora:  # dropout output + mask of each adapted input (+ the rank-r intermediate, negligible)
+        ins = {"q": C, "k": C, "v": C, "o": q, "gate": C, "up": C, "down": inter}
+        seen = set()
+        for t in targets:
+            key = "qkv" if t in "qkv" else ("gu" if t in ("gate", "up") else t)
+            if key not in seen:
+                seen.add(key)
+                extra += 2 * b * ins[t]
+    return norms + attn + mlp + extra
+
+
+def training_memory(config: ModelConfig, method: str, seqlen: int, batch: int, r: int = 16,
+                    targets: tuple[str, ...] = ("q", "k", "v", "o"), compute_bytes: int = 2,
+                    grad_checkpoint: bool = False) -> TrainingMemory:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}")
+    counts = count_parameters(config)
+    P = counts.total
+    tokens = seqlen * batch
+    layers = config.num_layers
+    per_tok = activation_bytes_per_token(config, 4 if method == "full" else compute_bytes, targets,
+                                         method != "full", grad_checkpoint)
+    acts = tokens * layers * per_tok + tokens * config.hidden_size * 4 + CE_CHUNK_BYTES
+    if grad_checkpoint:
+        acts += tokens * activation_bytes_per_token(config, compute_bytes, targets, method != "full")
+    if method == "full":
+        return TrainingMemory(method, 4 * P, 4 * P, 8 * P, acts)
+    L = lora_parameters(config, r, targets)
+    if method == "lora":
+        base = P * compute_bytes
+    else:
+        linears = counts.attention + counts.mlp
+        base = linears * QLORA_BITS / 8 + (P - linears) * compute_bytes
+    return TrainingMemory(method, base + 4 * L, 4 * L, 8 * L, acts)
+
+
+def training_rows(config: ModelConfig, seqlen: int, batch: int, r: int = 16, compute_bytes: int = 2,
+                  methods: tuple[str, ...] = METHODS) -> list[list]:
+    rows = []
+    for m in methods:
+        t = training_memory(config, m, seqlen, batch, r, compute_bytes=compute_bytes)
+        rows.append([m, round(t.weights / GB, 3), round(t.gradients / GB, 3), round(t.optimizer / GB, 3),
+                     round(t.activations / GB, 3), round(t.total / GB, 3)])
+    return rows
