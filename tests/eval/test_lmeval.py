@@ -245,3 +245,25 @@ def test_edgellm_imports_without_lm_eval():
             "import edgellm, edgellm.cli; edgellm.cli.build_parser()\n"
             "assert not any(m.startswith('lm_eval') for m in sys.modules if sys.modules[m] is not None)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_adapter_model_arg_scores_with_the_adapter(tiny_checkpoints, tmp_path):
+    """`adapter=DIR` (and `edgellm lm-eval --adapter`) evaluates the model with a PEFT LoRA adapter applied."""
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    path = tiny_checkpoints["llama"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.1)
+    pm.save_pretrained(tmp_path / "ad")
+    ids = torch.randint(3, 300, (20,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = pm(input_ids=ids[None]).logits[0]
+    lm = EdgeLLM(pretrained=str(path), dtype="fp32", adapter=str(tmp_path / "ad"), progress=False)
+    assert float((lm.llm.logits(ids) - ref).abs().max()) <= 1e-4
+    plain = EdgeLLM(pretrained=str(path), dtype="fp32", progress=False)
+    assert float((plain.llm.logits(ids) - ref).abs().max()) > 1e-3  # the adapter made a difference

@@ -96,7 +96,7 @@ class EdgeLLM(TemplateLM):
                  max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, add_bos_token: bool | None = None,
                  prefix_token_id: int | None = None, progress: bool = True, llm: Any = None,
                  batch_size: Any = None, max_batch_size: Any = None, device: str | None = None,
-                 **unknown: Any) -> None:
+                 adapter: str | None = None, **unknown: Any) -> None:
         super().__init__()
         if unknown:
             raise InvalidArgumentError(f"unknown edgellm model arg(s): {', '.join(sorted(unknown))}")
@@ -112,7 +112,7 @@ class EdgeLLM(TemplateLM):
             from ..api import load
 
             llm = load(pretrained, dtype=dtype, rope_type=rope_type, compile=compile,
-                       keep_quantized=False if quant else None)
+                       keep_quantized=False if quant else None, adapter=adapter)
             if quant:
                 from ..quant import quantize_llm
 

@@ -61,6 +61,8 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
                                    f"{', '.join(t for t in tm.all_tasks if not t.startswith('mmlu_'))} "
                                    "(and mmlu_<subject>)")
     model_args = {"compile": args.compile, **parse_model_args(args.model_args)}
+    if args.adapter:
+        model_args["adapter"] = args.adapter
     t0 = time.perf_counter()
     lm = EdgeLLM(progress=not args.no_progress, **model_args)
     load_s = time.perf_counter() - t0
@@ -113,6 +115,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", nargs="+", required=True, help="comma-separated lm-eval task or group names")
     p.add_argument("--model-args", default=None,
                    help="key=value,... e.g. pretrained=model.gguf,dtype=fp32,quant=rtn:w4:g32,batch_tokens=4096")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder in PEFT's format (model arg adapter=)")
     p.add_argument("--limit", type=float, default=None, help="first N documents per task (a fraction if < 1)")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
     p.add_argument("--output-path", default=None, help="folder for lm-eval's results JSON (and samples)")
