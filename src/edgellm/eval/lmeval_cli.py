@@ -8,6 +8,7 @@ Hugging Face hub is not contacted; `--include-defaults` adds lm-eval's own task 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -73,8 +74,11 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
     seeds = {} if args.seed is None else {f"{k}seed": args.seed for k in ("random_", "numpy_random_",
                                                                           "torch_random_", "fewshot_random_")}
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
-    results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=limit, task_manager=tm,
-                              log_samples=args.log_samples, bootstrap_iters=args.bootstrap_iters, **seeds)
+    # lm-eval prints progress notes ("bootstrapping for stddev: bleu") on stdout: keep stdout for the results
+    with contextlib.redirect_stdout(sys.stderr):
+        results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=limit,
+                                  task_manager=tm, log_samples=args.log_samples, bootstrap_iters=args.bootstrap_iters,
+                                  **seeds)
     wall_s = time.perf_counter() - t1
     results["config"]["model_args"] = model_args
     results["edgellm"] = {"load_s": round(load_s, 2), "evaluate_s": round(wall_s, 2),
