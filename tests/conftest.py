@@ -78,6 +78,20 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     return {name: make_hf_checkpoint(name, root / name, seed=i) for i, name in enumerate(TINY_CONFIGS)}
 
 
+@pytest.fixture(scope="module")
+def tiny_path(tiny_checkpoints: dict[str, Path]) -> str:
+    """The tiny Llama checkpoint's folder, for tests that drive the CLI."""
+    return str(tiny_checkpoints["llama"])
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_path: str):
+    """The tiny Llama loaded in fp32."""
+    import edgellm
+
+    return edgellm.load(tiny_path, dtype="fp32")
+
+
 @pytest.fixture(scope="session")
 def default_gguf() -> Path:
     from edgellm.loading.default import default_model_path

@@ -29,14 +29,6 @@ JSON_KEYS = {"text", "prompt_tokens", "new_tokens", "total_s", "prefill_ms", "ti
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: 1 thread, restored after the module
 
 
-@pytest.fixture(scope="module")
-def tiny_path(tiny_checkpoints: dict[str, Path]) -> str:
-    return str(tiny_checkpoints["llama"])
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_path: str) -> edgellm.LLM:
-    return edgellm.load(tiny_path, dtype="fp32")
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import io
 import json
 import struct
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -74,14 +73,6 @@ def tiny_pair(request, tiny_checkpoints):
     return request.param, edgellm.load(path, dtype="fp32"), hf
 
 
-@pytest.fixture(scope="module")
-def tiny_path(tiny_checkpoints: dict[str, Path]) -> str:
-    return str(tiny_checkpoints["llama"])
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_path: str) -> edgellm.LLM:
-    return edgellm.load(tiny_path, dtype="fp32")
 
 
 def test_padded_hidden_states_equal_unpadded(tiny_pair):

@@ -256,9 +256,10 @@ class Attention(nn.Module):
         return self.o_proj(y.to(x.dtype))
 
     def decode_rows(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: list[int],
-                    pos: list[int]) -> torch.Tensor:
+                    pos: list[int], rows_t: torch.Tensor, pos_t: torch.Tensor) -> torch.Tensor:
         """One new token for each of B sequences of a pooled cache (continuous batching): x (B, 1, C), sequence b
-        lives in cache row rows[b] at position pos[b]; cos/sin (B, D) are the rows of those positions.
+        lives in cache row rows[b] at position pos[b] (rows_t, pos_t: the same as tensors, made once per step);
+        cos/sin (B, D) are the rows of those positions.
 
         Each row attends over exactly its own keys (slots lo..pos[b]) in its own kernel call, so a sequence's
         result never depends on which others share the step: a batched answer equals the same request alone."""
@@ -270,7 +271,6 @@ class Attention(nn.Module):
         q = apply_rope(q.view(B, 1, H, D).transpose(1, 2), cos, sin)              # (B, H, 1, D)
         k = apply_rope(k.view(B, 1, Hkv, D).transpose(1, 2), cos, sin)            # (B, Hkv, 1, D)
         v = v.view(B, 1, Hkv, D).transpose(1, 2)
-        rows_t, pos_t = torch.tensor(rows), torch.tensor(pos)
         cache.k[rows_t, :, pos_t] = k[:, :, 0]                                    # (B, Hkv, D) into (P, Hkv, S, D)
         cache.v[rows_t, :, pos_t] = v[:, :, 0]
         lo = [0 if self.window is None else max(0, p + 1 - self.window) for p in pos]
@@ -323,8 +323,8 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def decode_rows(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: list[int],
-                    pos: list[int]) -> torch.Tensor:
-        x = x + self.self_attn.decode_rows(self.input_layernorm(x), cos, sin, rows, pos)
+                    pos: list[int], rows_t: torch.Tensor, pos_t: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn.decode_rows(self.input_layernorm(x), cos, sin, rows, pos, rows_t, pos_t)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -427,12 +427,12 @@ class Transformer(nn.Module):
     def batch_decode_step(self, tokens: torch.Tensor, rows: list[int], pos: list[int]) -> torch.Tensor:
         """Continuous batching: tokens (B, 1), sequence b in cache row rows[b] at position pos[b] (the layers'
         caches are the pooled ones, see use_caches) -> next-token logits (B, V), fp32."""
-        pos_t = torch.tensor(pos)
+        pos_t, rows_t = torch.tensor(pos), torch.tensor(rows)
         if self.rope_cos is None or self.rope_cos.shape[0] <= max(pos):
             self.init_rope(max(max(pos) + 1, self.config.max_seq_len))
         cos = self.rope_cos.index_select(0, pos_t)  # (B, D)
         sin = self.rope_sin.index_select(0, pos_t)
         x = self.embed_tokens(tokens)               # (B, 1, C)
         for layer in self.layers:
-            x = layer.decode_rows(x, cos, sin, rows, pos)
+            x = layer.decode_rows(x, cos, sin, rows, pos, rows_t, pos_t)
         return self.lm_head(self.norm(x))[:, -1].float()
