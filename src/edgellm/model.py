@@ -15,6 +15,14 @@ from .config import ModelConfig, rope_inv_freq
 from .kernels import native
 
 
+def _eager_inference(*tensors: torch.Tensor) -> bool:
+    """True where a C kernel may stand in for torch ops: not while torch.compile traces (inductor fuses those ops
+    itself) and not when autograd records (the kernels have no backward)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -22,6 +30,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _eager_inference(x, self.weight) and (kernels := native.pointwise()) is not None:
+            y = kernels.rmsnorm(x, self.weight, self.eps)  # the formula below in one pass (C)
+            if y is not None:
+                return y
         # Normalise in fp32 and cast back before the weight multiply, as HF does (matters in bf16).
         dtype = x.dtype
         x32 = x.float()
@@ -300,7 +312,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)                          # (B, T, 2 I): gate, then up
+        if _eager_inference(gate_up) and (kernels := native.pointwise()) is not None:
+            act = kernels.silu_mul(gate_up)                     # (B, T, I): the line below in one pass (C)
+            if act is not None:
+                return self.down_proj(act)
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

@@ -254,3 +254,70 @@ def test_decode_attention_matches_sdpa_per_row_and_ignores_the_other_rows(dtype,
     assert attend(q, k, v, rows, lo, [300, 0, 163, 7]) is None            # a key past the cache: declined
     assert attend(q, k, v, [5, 1, 0, 2], lo, hi) is None                  # a row past the pool
     assert attend(q.float() if dtype == torch.bfloat16 else q.bfloat16(), k, v, rows, lo, hi) is None
+
+
+# ------------------------------------------------------------------------------------------------ pointwise
+@pytest.fixture
+def pointwise():
+    if native._compiler() is None:
+        pytest.skip("no C compiler")
+    kernels = native.pointwise()
+    assert kernels is not None, native.reasons["pointwise"]  # plain C: builds wherever a compiler is
+    return kernels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pointwise_kernels_match_the_eager_formulas(pointwise, dtype):
+    from edgellm.model import RMSNorm
+
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(3, 37, 576, generator=g) * 4).to(dtype)
+    norm = RMSNorm(576, 1e-5).to(dtype)
+    norm.weight.data = (torch.rand(576, generator=g) + 0.5).to(dtype)
+    with torch.inference_mode():
+        got = pointwise.rmsnorm(x, norm.weight, 1e-5)
+        x32 = x.float()
+        want = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+        gu = (torch.randn(3, 37, 2 * 100, generator=g) * 5).to(dtype)
+        gu[0, 0, :3] = torch.tensor([-500.0, 500.0, 0.0])                   # exp's clamps, silu(0) = 0
+        act = pointwise.silu_mul(gu)
+        gate, up = gu.chunk(2, dim=-1)
+        act_want = torch.nn.functional.silu(gate) * up
+    assert got.dtype == dtype and act.dtype == dtype and act.shape == (3, 37, 100)
+    if dtype == torch.bfloat16:  # every rounding step as eager: equal except where a sum lands on a rounding tie
+        assert (got != want).float().mean() < 1e-3 and (act != act_want).float().mean() < 1e-3
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -8 if dtype == torch.bfloat16 else 1e-5,
+                               atol=1e-6)
+    torch.testing.assert_close(act.float(), act_want.float(), rtol=2 ** -8 if dtype == torch.bfloat16 else 1e-5,
+                               atol=1e-6)
+    assert act[0, 0, 0] == 0 and act[0, 0, 2] == 0                        # silu(-500) * up, silu(0) * up
+    # a row's result does not depend on the rows around it
+    assert torch.equal(pointwise.rmsnorm(x[1, 5:6].contiguous(), norm.weight, 1e-5)[0], got[1, 5])
+    assert torch.equal(pointwise.silu_mul(gu[2, 7:8].contiguous())[0], act[2, 7])
+
+
+def test_pointwise_kernels_decline_what_they_cannot_do(pointwise):
+    x = torch.randn(4, 64)
+    assert pointwise.rmsnorm(x, torch.ones(64, dtype=torch.bfloat16), 1e-5) is None  # weight of another dtype
+    assert pointwise.rmsnorm(x.t(), torch.ones(4), 1e-5) is None                     # not contiguous
+    assert pointwise.silu_mul(torch.randn(4, 63)) is None                            # odd width
+    assert pointwise.silu_mul(torch.randn(4, 64, dtype=torch.float64)) is None
+
+
+def test_model_uses_the_pointwise_kernels_only_outside_autograd_and_compile(pointwise, monkeypatch):
+    from edgellm.model import MLP, RMSNorm
+
+    calls = []
+    spy = native.Pointwise(lambda *a: calls.append("norm") or pointwise.rmsnorm(*a),
+                           lambda *a: calls.append("act") or pointwise.silu_mul(*a))
+    monkeypatch.setattr(native, "pointwise", lambda: spy)
+    cfg = type("Cfg", (), {"hidden_size": 64, "intermediate_size": 96})()
+    norm, mlp = RMSNorm(64, 1e-6), MLP(cfg)
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        fast = mlp(norm(x))
+    assert calls == ["norm", "act"]
+    calls.clear()
+    slow = mlp(norm(x))                               # parameters need gradients: torch's ops, with backward
+    assert calls == [] and slow.requires_grad
+    torch.testing.assert_close(fast, slow.detach(), rtol=1e-5, atol=1e-6)

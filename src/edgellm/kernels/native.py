@@ -4,6 +4,7 @@
 - `attention_bf16.c`: causal attention for bf16 prefill with AVX512-BF16 dot products (model.py).
 - `attention_f32.c`: the same for fp32 prefill with AVX2 + FMA (CPUs without native bf16).
 - `decode_attention.c`: one decode step of attention for sequences in rows of a pooled cache (serve/engine.py).
+- `pointwise.c`: RMSNorm and SiLU(gate) * up in one pass each, for eager (prefill) forwards (model.py).
 
 Each is compiled with the system C compiler (`$CC`, else cc/gcc/clang; `-O3 -march=native -fopenmp`, ~0.3 s),
 cached in `~/.cache/edgellm/native/` under a hash of the source, compiler, flags and CPU, and checked against
@@ -25,6 +26,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -383,3 +385,70 @@ def decode_attention() -> DecodeAttention | None:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int]
     return _verified("decode_attention", _wrap_decode_attention(fn), _decode_attention_self_check)
+
+
+class Pointwise(NamedTuple):
+    """`rmsnorm(x, weight, eps)` and `silu_mul(gate_up)`: (..., C) / (..., 2I) -> (..., C) / (..., I), or None
+    when the kernel declines (dtype, layout); see csrc/pointwise.c."""
+    rmsnorm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor | None]
+    silu_mul: Callable[[torch.Tensor], torch.Tensor | None]
+
+
+def _wrap_pointwise(rms_fn: ctypes._CFuncPtr, silu_fn: ctypes._CFuncPtr) -> Pointwise:
+    def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+        C = x.shape[-1]
+        if (x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype or weight.shape != (C,)
+                or not (x.is_contiguous() and weight.is_contiguous())):
+            return None
+        out = torch.empty_like(x)
+        rms_fn(int(x.dtype == torch.bfloat16), x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // C, C,
+               eps, torch.get_num_threads())
+        return out
+
+    def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
+        two_i = gate_up.shape[-1]
+        if gate_up.dtype not in (torch.float32, torch.bfloat16) or two_i % 2 or not gate_up.is_contiguous():
+            return None
+        out = gate_up.new_empty(*gate_up.shape[:-1], two_i // 2)
+        silu_fn(int(gate_up.dtype == torch.bfloat16), gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // two_i,
+                two_i // 2, torch.get_num_threads())
+        return out
+
+    return Pointwise(rmsnorm, silu_mul)
+
+
+def _pointwise_self_check(kernels: Pointwise) -> bool:
+    """Against torch's eager formulas (model.py): fp32 within 1e-5 relative; bf16 within one rounding step, and
+    almost every element bit-equal (only sums/exp that land next to a rounding boundary may differ)."""
+    g = torch.Generator().manual_seed(6)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(5, 96, generator=g) * 3).to(dtype)
+        w = (torch.rand(96, generator=g) + 0.5).to(dtype)
+        x32 = x.float()
+        ref_norm = w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+        gu = (torch.randn(5, 2 * 80, generator=g) * 4).to(dtype)
+        gu[0, :4] = torch.tensor([-200.0, 200.0, 0.0, -90.0])  # exp's clamps
+        gate, up = gu.chunk(2, dim=-1)
+        ref_act = torch.nn.functional.silu(gate) * up
+        for got, ref in ((kernels.rmsnorm(x, w, 1e-5), ref_norm), (kernels.silu_mul(gu), ref_act)):
+            if got is None or got.shape != ref.shape or got.dtype != dtype:
+                return False
+            if not torch.allclose(got.float(), ref.float(), rtol=1e-5 if dtype == torch.float32 else 2 ** -7,
+                                  atol=1e-6):
+                return False
+            if dtype == torch.bfloat16 and (got != ref).float().mean() > 0.02:
+                return False
+    return True
+
+
+@functools.cache
+def pointwise() -> Pointwise | None:
+    """The fused RMSNorm / SiLU-gate kernels, or None (the reason is in `reasons["pointwise"]`)."""
+    fns = _functions("pointwise", "edgellm_rmsnorm", "edgellm_silu_mul")
+    if fns is None:
+        return None
+    rms_fn, silu_fn = fns
+    rms_fn.restype = silu_fn.restype = None
+    rms_fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
+    silu_fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    return _verified("pointwise", _wrap_pointwise(rms_fn, silu_fn), _pointwise_self_check)
