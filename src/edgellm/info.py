@@ -105,4 +105,7 @@ def training_report(config: ModelConfig, methods: list[str], seqlen: int, batch:
     rows = training_rows(config, seqlen, batch, r, compute_bytes=b, methods=tuple(dict.fromkeys(methods)))
     head = (f"Training memory (GB; batch {batch} x {seqlen} tokens, LoRA r {r} on q,k,v,o, AdamW; frozen weights "
             f"and activations in {'bf16' if b == 2 else 'fp32'}; full = fp32 weights + grads + 2 moments = 16 B/param)")
-    return head + "\n\n" + markdown_table(["Method", "Weights", "Gradients", "Optimizer", "Activations", "Total"], rows)
+    head += ("\nWorkspace: backward transients and freed temporaries the allocator keeps; Runtime: the process "
+             "beyond its tensors. Total: estimated peak RSS above the Python + torch runtime.")
+    return head + "\n\n" + markdown_table(["Method", "Weights", "Gradients", "Optimizer", "Activations", "Workspace",
+                                           "Runtime", "Total"], rows)

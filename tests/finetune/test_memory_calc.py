@@ -26,4 +26,4 @@ def test_full_adamw_is_16_bytes_per_parameter() -> None:
 def test_info_train_table(capsys) -> None:
     assert main(["info", "--train", "full", "lora", "qlora", "--seqlen", "256", "--batch", "2"]) == 0
     out = capsys.readouterr().out
-    assert "Training memory" in out and "| qlora" in out and "16 B/param" in out
+    assert "Training memory" in out and "| qlora" in out and "16 B/param" in out and "Workspace" in out

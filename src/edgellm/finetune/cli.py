@@ -99,6 +99,15 @@ def load_for_training(model: str | None, base: str, rope_type: str | None = None
             spec = QuantSpec("rtn", 4, 32)
             install(loaded.model, ((n, q) for n, q in rtn_weights(loaded.model, spec) if n in float_linears),
                     dtype)
+            # The float tensors left (embedding, norms) may still view the checkpoint's memory-mapped file, which
+            # keeps every page read during the rounding resident (+270 MB RSS on the default model): own copies
+            # let the mapping go.
+            with torch.no_grad():
+                for t in list(loaded.model.parameters()) + list(loaded.model.buffers()):
+                    t.data = t.data.clone()
+            import gc
+
+            gc.collect()
     loaded.model.requires_grad_(False)
     return loaded
 

@@ -6,6 +6,14 @@ The training counterpart of the seeds' inference table: weights, gradients, opti
 - qlora: frozen linears in 4-bit blocks (Q4_1: 5 bits per weight with its scale and minimum), the rest as lora.
 Activations are what autograd keeps for backward in edgellm's training forward (per token and layer, counted
 tensor by tensor in `activation_bytes_per_token`), plus one chunk of the chunked cross-entropy.
+
+Two more rows make the total a resident-memory estimate rather than a tensor count (measured with
+scripts/bench_finetune.py on the default model; docs/FINETUNING.md has the numbers):
+- workspace: backward's transient gradients and the forward temporaries that glibc's allocator keeps after they
+  are freed, WORKSPACE_FRACTION of the activations. Measured ~0.3-0.45x at 512, 1,024 and 2,048 tokens per step
+  (returning freed memory at once instead costs ~30 % of the training speed, so the runtime keeps it).
+- runtime: what a training process holds beyond its tensors once the model is loaded (tokenizer, autograd and
+  thread-pool state, module objects): RUNTIME_BYTES, measured ~0.13-0.14 GB for the default model.
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ from ..info import GB, count_parameters
 METHODS = ("full", "lora", "qlora")
 QLORA_BITS = 5.0        # Q4_1 / int4 g32 with fp16 scale + minimum per 32 weights
 CE_CHUNK_BYTES = (1 << 23) * 12  # logits chunk: bf16/fp32 logits, their fp32 copy and gradient
+WORKSPACE_FRACTION = 0.35  # backward transients + allocator-kept temporaries, per byte of activations (measured)
+RUNTIME_BYTES = 0.15e9     # the training process beyond its tensors (measured on the default model)
 
 
 @dataclass
@@ -29,8 +39,13 @@ class TrainingMemory:
     activations: float
 
     @property
+    def workspace(self) -> float:
+        return WORKSPACE_FRACTION * self.activations
+
+    @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations
+        """Estimated peak resident memory above the Python + torch runtime."""
+        return self.weights + self.gradients + self.optimizer + self.activations + self.workspace + RUNTIME_BYTES
 
 
 def lora_parameters(config: ModelConfig, r: int = 16, targets: tuple[str, ...] = ("q", "k", "v", "o")) -> int:
@@ -94,5 +109,6 @@ def training_rows(config: ModelConfig, seqlen: int, batch: int, r: int = 16, com
     for m in methods:
         t = training_memory(config, m, seqlen, batch, r, compute_bytes=compute_bytes)
         rows.append([m, round(t.weights / GB, 3), round(t.gradients / GB, 3), round(t.optimizer / GB, 3),
-                     round(t.activations / GB, 3), round(t.total / GB, 3)])
+                     round(t.activations / GB, 3), round(t.workspace / GB, 3), round(RUNTIME_BYTES / GB, 3),
+                     round(t.total / GB, 3)])
     return rows
