@@ -57,7 +57,7 @@ typedef struct {
     int64_t qsb, qsh, qst;
     const uint16_t *kp, *vp; /* packed keys / values per (b, kv head) */
     uint16_t *out;
-    int64_t B, H, Hkv, T, start, Lk, Lv2; /* Lk: keys rounded to 16; Lv2: to 2 */
+    int64_t B, H, Hkv, T, start, Lk, Lv2; /* Lk: keys rounded to 32 (pairs of 16-key chunks); Lv2: to 2 */
     float scale;
 } job_t;
 
@@ -75,23 +75,33 @@ static void work_item(const job_t *j, int64_t b, int64_t hk, int64_t t0, int64_t
             pos[i] = j->start + t;
         }
         const int64_t last = pos[nr - 1]; /* rows are ordered by position: the last sees the most keys */
-        /* scores: 16 keys per vector, (d, d+1) pairs per vdpbf16ps */
-        for (int64_t c = 0; c * 16 <= last; c++) {
-            __m512 acc[ROWS];
-            for (int i = 0; i < ROWS; i++) acc[i] = _mm512_setzero_ps();
+        /* scores: 16 keys per vector, (d, d+1) pairs per vdpbf16ps; two 16-key chunks at a time, so each
+         * broadcast query pair feeds two dot products (bound by those, not by the broadcasts) */
+        for (int64_t c = 0; c * 16 <= last; c += 2) {
+            __m512 acc0[ROWS], acc1[ROWS];
+            for (int i = 0; i < ROWS; i++) acc0[i] = acc1[i] = _mm512_setzero_ps();
             const uint16_t *kc = kp + c * 16 * D;
             for (int p = 0; p < D / 2; p++) {
-                const __m512bh kv = (__m512bh)_mm512_load_si512(kc + p * 32);
+                const __m512bh k0 = (__m512bh)_mm512_load_si512(kc + p * 32);
+                const __m512bh k1 = (__m512bh)_mm512_load_si512(kc + 16 * D + p * 32);
                 for (int i = 0; i < ROWS; i++) {
                     int32_t pair;
                     memcpy(&pair, qr[i] + 2 * p, 4);
-                    acc[i] = _mm512_dpbf16_ps(acc[i], kv, (__m512bh)_mm512_set1_epi32(pair));
+                    const __m512bh qp = (__m512bh)_mm512_set1_epi32(pair);
+                    acc0[i] = _mm512_dpbf16_ps(acc0[i], k0, qp);
+                    acc1[i] = _mm512_dpbf16_ps(acc1[i], k1, qp);
                 }
             }
-            for (int i = 0; i < nr; i++)
-                _mm512_store_ps(s + (r0 + i) * Lk + c * 16,
-                                _mm512_mask_blend_ps(first_n(pos[i] - c * 16 + 1), _mm512_set1_ps(-INFINITY),
-                                                     _mm512_mul_ps(acc[i], _mm512_set1_ps(j->scale))));
+            /* constant trip counts (ROWS, not nr) so the accumulators stay in registers, not a stack array */
+#pragma GCC unroll 8
+            for (int i = 0; i < ROWS; i++) {
+                if (i >= nr) continue;
+                float *si = s + (r0 + i) * Lk + c * 16;
+                _mm512_store_ps(si, _mm512_mask_blend_ps(first_n(pos[i] - c * 16 + 1), _mm512_set1_ps(-INFINITY),
+                                                         _mm512_mul_ps(acc0[i], _mm512_set1_ps(j->scale))));
+                _mm512_store_ps(si + 16, _mm512_mask_blend_ps(first_n(pos[i] - c * 16 - 15), _mm512_set1_ps(-INFINITY),
+                                                              _mm512_mul_ps(acc1[i], _mm512_set1_ps(j->scale))));
+            }
         }
         /* softmax per row over its keys 0..pos; probabilities to bf16, zero past pos */
         for (int i = 0; i < nr; i++) {
@@ -130,7 +140,9 @@ static void work_item(const job_t *j, int64_t b, int64_t hk, int64_t t0, int64_t
                 for (int c = 0; c < D / 16; c++) o[i][c] = _mm512_dpbf16_ps(o[i][c], vv[c], pp);
             }
         }
-        for (int i = 0; i < nr; i++) {
+#pragma GCC unroll 8
+        for (int i = 0; i < ROWS; i++) {
+            if (i >= nr) continue;
             const int64_t r = r0 + i, t = t0 + r / G, h = hk * G + r % G;
             uint16_t *op = j->out + ((b * j->T + t) * j->H + h) * D;
             for (int c = 0; c < D / 16; c++)
@@ -145,7 +157,7 @@ int edgellm_attention_bf16(const uint16_t *q, int64_t qsb, int64_t qsh, int64_t 
                            uint16_t *out, int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t start,
                            int64_t head_dim, float scale, int threads) {
     if (head_dim != D || H % Hkv || T < 1 || start < 0) return 1;
-    const int64_t L = start + T, Lk = (L + 15) / 16 * 16, Lv2 = (L + 1) / 2 * 2, G = H / Hkv;
+    const int64_t L = start + T, Lk = (L + 31) / 32 * 32, Lv2 = (L + 1) / 2 * 2, G = H / Hkv;
     /* keys as [16-key chunk][d pair][16 keys][2]; values as [key pair][d][2] (zero past L) */
     uint16_t *kp = alloc64((size_t)(B * Hkv * Lk * D) * 2), *vp = alloc64((size_t)(B * Hkv * Lv2 * D) * 2);
     if (!kp || !vp) { free(kp); free(vp); return 2; }

@@ -23,7 +23,7 @@
 #endif
 
 #define D 64
-#define ROWS 4   /* query rows sharing each loaded key / value vector */
+#define ROWS 6   /* query rows sharing each loaded key / value vector (12 accumulators of the 16 registers) */
 #define QPOS 16  /* query positions per work item (x G heads each) */
 
 /* e^x on 8 lanes: x = n ln2 + r, degree-6 polynomial for e^r, times 2^n built in the exponent bits. */
@@ -87,20 +87,30 @@ static void work_item(const job_t *j, int64_t b, int64_t hk, int64_t t0, int64_t
             pos[i] = j->start + t;
         }
         const int64_t last = pos[nr - 1]; /* rows are ordered by position: the last sees the most keys */
-        /* scores: keys packed [8-key chunk][d][8 keys]; one FMA per (row, d) covers 8 keys */
-        for (int64_t c = 0; c * 8 <= last; c++) {
-            __m256 acc[ROWS];
-            for (int i = 0; i < ROWS; i++) acc[i] = _mm256_setzero_ps();
+        /* scores: keys packed [8-key chunk][d][8 keys]; two chunks at a time, so each broadcast query element
+         * feeds two FMAs (16 keys) and the loop is bound by FMAs rather than loads */
+        for (int64_t c = 0; c * 8 <= last; c += 2) {
+            __m256 acc0[ROWS], acc1[ROWS];
+            for (int i = 0; i < ROWS; i++) acc0[i] = acc1[i] = _mm256_setzero_ps();
             const float *kc = kp + c * 8 * D;
             for (int d = 0; d < D; d++) {
-                const __m256 kv = _mm256_load_ps(kc + d * 8);
-                for (int i = 0; i < ROWS; i++) acc[i] = _mm256_fmadd_ps(kv, _mm256_broadcast_ss(qr[i] + d), acc[i]);
+                const __m256 k0 = _mm256_load_ps(kc + d * 8), k1 = _mm256_load_ps(kc + 8 * D + d * 8);
+                for (int i = 0; i < ROWS; i++) {
+                    const __m256 qd = _mm256_broadcast_ss(qr[i] + d);
+                    acc0[i] = _mm256_fmadd_ps(k0, qd, acc0[i]);
+                    acc1[i] = _mm256_fmadd_ps(k1, qd, acc1[i]);
+                }
             }
-            for (int i = 0; i < nr; i++)
-                _mm256_store_ps(s + (r0 + i) * Lk + c * 8,
-                                _mm256_blendv_ps(_mm256_set1_ps(-INFINITY),
-                                                 _mm256_mul_ps(acc[i], _mm256_set1_ps(j->scale)),
-                                                 first_n(pos[i] - c * 8 + 1)));
+            /* constant trip counts (ROWS, not nr) so the accumulators stay in registers, not a stack array */
+#pragma GCC unroll 8
+            for (int i = 0; i < ROWS; i++) {
+                if (i >= nr) continue;
+                float *si = s + (r0 + i) * Lk + c * 8;
+                _mm256_store_ps(si, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_mul_ps(acc0[i], _mm256_set1_ps(j->scale)),
+                                                     first_n(pos[i] - c * 8 + 1)));
+                _mm256_store_ps(si + 8, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_mul_ps(acc1[i], _mm256_set1_ps(j->scale)),
+                                                         first_n(pos[i] - c * 8 - 7)));
+            }
         }
         /* softmax per row over its keys 0..pos, probabilities left in s (zero past pos up to the last row's) */
         for (int i = 0; i < nr; i++) {
@@ -133,7 +143,9 @@ static void work_item(const job_t *j, int64_t b, int64_t hk, int64_t t0, int64_t
                     o[i][1] = _mm256_fmadd_ps(v1, p, o[i][1]);
                 }
             }
-            for (int i = 0; i < nr; i++) {
+#pragma GCC unroll 8
+            for (int i = 0; i < ROWS; i++) {
+                if (i >= nr) continue;
                 const int64_t r = r0 + i, t = t0 + r / G, h = hk * G + r % G;
                 float *op = j->out + ((b * j->T + t) * j->H + h) * D + h0;
                 _mm256_storeu_ps(op, o[i][0]);
@@ -149,8 +161,8 @@ int edgellm_attention_f32(const float *q, int64_t qsb, int64_t qsh, int64_t qst,
                           float *out, int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t start,
                           int64_t head_dim, float scale, int threads) {
     if (head_dim != D || H % Hkv || T < 1 || start < 0) return 1;
-    const int64_t L = start + T, Lk = (L + 7) / 8 * 8, G = H / Hkv;
-    /* keys as [8-key chunk][d][8 keys] (zero past L); values contiguous (L, d) */
+    const int64_t L = start + T, Lk = (L + 15) / 16 * 16, G = H / Hkv;
+    /* keys as [8-key chunk][d][8 keys] (zero past L, to a whole pair of chunks); values contiguous (L, d) */
     float *kp = alloc64((size_t)(B * Hkv * Lk * D) * 4), *vp = alloc64((size_t)(B * Hkv * L * D) * 4);
     if (!kp || !vp) { free(kp); free(vp); return 2; }
     if (threads < 1) threads = 1;
