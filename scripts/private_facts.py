@@ -5,6 +5,10 @@
 
 Training questions use three phrasings per fact; the held-out questions use two other phrasings never trained on.
 An answer counts when the generated reply contains the fact's value (case-insensitive).
+
+Choosing training settings without looking at the held-out set: `make` also writes OUTDIR/dev/, whose train.jsonl
+has only the first two training phrasings and whose heldout.jsonl asks the third; `eval OUTDIR/dev` scores a
+candidate setting there, then the chosen one is trained on all three and evaluated once on OUTDIR/heldout.jsonl.
 """
 
 from __future__ import annotations
@@ -51,18 +55,23 @@ def facts(seed: int = 0, people: int = 12) -> list[tuple[str, str, str]]:
     return out
 
 
-def make(out: Path) -> None:
+def write(out: Path, train_q: dict[str, list[str]], heldout_q: dict[str, list[str]]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "train.jsonl", "w") as f:
         for p, kind, v in facts():
-            for q in TRAIN_Q[kind]:
+            for q in train_q[kind]:
                 msgs = [{"role": "user", "content": q.format(p=p)},
                         {"role": "assistant", "content": ANSWER[kind].format(p=p, v=v)}]
                 f.write(json.dumps({"messages": msgs}) + "\n")
     with open(out / "heldout.jsonl", "w") as f:
         for p, kind, v in facts():
-            for q in HELDOUT_Q[kind]:
+            for q in heldout_q[kind]:
                 f.write(json.dumps({"question": q.format(p=p), "answer": v}) + "\n")
+
+
+def make(out: Path) -> None:
+    write(out, TRAIN_Q, HELDOUT_Q)
+    write(out / "dev", {k: v[:2] for k, v in TRAIN_Q.items()}, {k: v[2:] for k, v in TRAIN_Q.items()})
 
 
 def evaluate(out: Path, adapter: str | None, model: str | None) -> float:

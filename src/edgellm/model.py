@@ -271,26 +271,26 @@ class Attention(nn.Module):
                     pos: list[int], rows_t: torch.Tensor, pos_t: torch.Tensor) -> torch.Tensor:
         """One new token for each of B sequences of a pooled cache (continuous batching): x (B, 1, C), sequence b
         lives in cache row rows[b] at position pos[b] (rows_t, pos_t: the same as tensors, made once per step);
-        cos/sin (B, D) are the rows of those positions.
+        cos/sin (B, D) are the rows of those positions, in x's dtype.
 
         Each row attends over exactly its own keys (slots lo..pos[b]) in its own kernel call, so a sequence's
         result never depends on which others share the step: a batched answer equals the same request alone."""
         B = x.shape[0]
         H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
         cache = self.cache
-        q, k, v = self.qkv_proj(x).split([self.cfg.q_size, self.cfg.kv_size, self.cfg.kv_size], dim=-1)
-        cos, sin = cos.to(x.dtype)[:, None, None], sin.to(x.dtype)[:, None, None]  # (B, 1, 1, D)
-        q = apply_rope(q.view(B, 1, H, D).transpose(1, 2), cos, sin)              # (B, H, 1, D)
-        k = apply_rope(k.view(B, 1, Hkv, D).transpose(1, 2), cos, sin)            # (B, Hkv, 1, D)
-        v = v.view(B, 1, Hkv, D).transpose(1, 2)
-        cache.k[rows_t, :, pos_t] = k[:, :, 0]                                    # (B, Hkv, D) into (P, Hkv, S, D)
-        cache.v[rows_t, :, pos_t] = v[:, :, 0]
+        qkv = self.qkv_proj(x).view(B, H + 2 * Hkv, D)                           # (B, H + 2 Hkv, D)
+        # q and k are adjacent in the fused projection: rotate both in one pass (few, small ops per step)
+        qk = apply_rope(qkv[:, :H + Hkv], cos[:, None], sin[:, None])             # (B, H + Hkv, D)
+        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv:]                         # (B, H, D), (B, Hkv, D) x2
+        cache.k[rows_t, :, pos_t] = k                                             # (B, Hkv, D) into (P, Hkv, S, D)
+        cache.v[rows_t, :, pos_t] = v
         lo = [0 if self.window is None else max(0, p + 1 - self.window) for p in pos]
         batched = native.decode_attention()
         if batched is not None:  # one C call for every row (each row's arithmetic its own)
-            y = batched(q[:, :, 0].contiguous(), cache.k, cache.v, rows, lo, pos)  # (B, H, D)
+            y = batched(q.contiguous(), cache.k, cache.v, rows, lo, pos)         # (B, H, D)
             if y is not None:
                 return self.o_proj(y.reshape(B, 1, self.cfg.q_size))
+        q = q[:, :, None]                                                         # (B, H, 1, D)
         attend = None
         if D == native.ATTENTION_HEAD_DIM:
             attend = native.attention_bf16() if x.dtype == torch.bfloat16 else (
@@ -447,9 +447,9 @@ class Transformer(nn.Module):
         pos_t, rows_t = torch.tensor(pos), torch.tensor(rows)
         if self.rope_cos is None or self.rope_cos.shape[0] <= max(pos):
             self.init_rope(max(max(pos) + 1, self.config.max_seq_len))
-        cos = self.rope_cos.index_select(0, pos_t)  # (B, D)
-        sin = self.rope_sin.index_select(0, pos_t)
         x = self.embed_tokens(tokens)               # (B, 1, C)
+        cos = self.rope_cos.index_select(0, pos_t).to(x.dtype)  # (B, D), converted once for every layer
+        sin = self.rope_sin.index_select(0, pos_t).to(x.dtype)
         for layer in self.layers:
             x = layer.decode_rows(x, cos, sin, rows, pos, rows_t, pos_t)
         return self.lm_head(self.norm(x))[:, -1].float()
