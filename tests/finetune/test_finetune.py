@@ -175,6 +175,19 @@ def test_merge_and_adapter_flag_match_peft(tiny_checkpoints, tmp_path, capsys):
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", torch_dtype=torch.float32)
     with torch.no_grad():
         assert float((merged(input_ids=ids).logits[0] - ref).abs().max()) <= 1e-4
+    # merge --quant: the merged weights quantized, as a checkpoint edgellm loads back (what --quant of the merged
+    # folder gives)
+    assert main(["merge", "--model", str(path), "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "mq"),
+                 "--quant", "rtn:w4:g32"]) == 0
+    from edgellm.quant.pipeline import quantize_llm
+
+    ckpt = load(tmp_path / "mq", dtype="fp32").logits(ids[0])
+    merged_q, base_q = load(tmp_path / "m", dtype="fp32"), load(path, dtype="fp32")
+    for m in (merged_q, base_q):  # merge --quant rounds in bf16 (its scales): compare within that rounding
+        quantize_llm(m, "rtn:w4:g32", dtype=torch.float32)
+    d_merged = float((ckpt - merged_q.logits(ids[0])).abs().max())
+    d_base = float((ckpt - base_q.logits(ids[0])).abs().max())         # the adapter left out
+    assert d_merged <= 0.05 and d_merged < d_base / 10, (d_merged, d_base)
     # quantized base: the adapter wraps the int4 layers; equal to merging it into their dequantized weights
     from edgellm.lora import LoRALinear, apply_adapter
 
