@@ -213,8 +213,7 @@ class Attention(nn.Module):
         windowed = self.window is not None and start + T > self.window
         contiguous = not windowed and kpos.shape[0] == start + T  # key j holds position j
         # The C kernels have no backward: training (q/k/v needing gradients) takes SDPA below.
-        training = torch.is_grad_enabled() and (q.requires_grad or v.requires_grad)
-        if contiguous and T > 1 and not training:
+        if contiguous and T > 1 and _eager_inference(q, v):
             y = causal_attention(q, k_all, v_all, start)  # (B, T, H, D), or None: SDPA below
             if y is not None:
                 return self.o_proj(y.reshape(B, T, self.cfg.q_size))

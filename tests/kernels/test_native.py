@@ -321,3 +321,8 @@ def test_model_uses_the_pointwise_kernels_only_outside_autograd_and_compile(poin
     slow = mlp(norm(x))                               # parameters need gradients: torch's ops, with backward
     assert calls == [] and slow.requires_grad
     torch.testing.assert_close(fast, slow.detach(), rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # while torch.compile traces: torch's ops
+    with torch.no_grad():
+        traced = mlp(norm(x))
+    assert calls == []
+    torch.testing.assert_close(fast, traced, rtol=1e-5, atol=1e-6)

@@ -101,10 +101,11 @@ def load_for_training(model: str | None, base: str, rope_type: str | None = None
                     dtype)
             # The float tensors left (embedding, norms) may still view the checkpoint's memory-mapped file, which
             # keeps every page read during the rounding resident (+270 MB RSS on the default model): own copies
-            # let the mapping go.
+            # let the mapping go (the int4 codes and scales were made by the rounding, not read from the file).
             with torch.no_grad():
                 for t in list(loaded.model.parameters()) + list(loaded.model.buffers()):
-                    t.data = t.data.clone()
+                    if t.is_floating_point():
+                        t.data = t.data.clone()
             import gc
 
             gc.collect()
