@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from .kernels import cache_attention
 from .kernels.cpu import cpu_flags
 from .kernels.native import cache_root, notice
 from .model import Transformer
@@ -67,7 +68,7 @@ def _source_hash() -> str:
     from .quant import linear
 
     h = hashlib.sha256()
-    for mod in (sys.modules[Transformer.__module__], linear, kernels, blocklinear, blockq, lora,
+    for mod in (sys.modules[Transformer.__module__], linear, kernels, blocklinear, blockq, cache_attention, lora,
                 sys.modules[__name__]):
         h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()
@@ -142,12 +143,18 @@ class CompiledDecoder:
     `compile_s` accumulates first-call (compile or cache-load) time, so callers can report it.
     """
 
-    def __init__(self, model: Transformer, exact: bool = False) -> None:
+    def __init__(self, model: Transformer, exact: bool | None = None) -> None:
         self.model = model
         # exact: round every bf16/fp16 intermediate where eager PyTorch rounds it (inductor's
         # emulate_precision_casts), so the compiled steps equal eager decode_step bit for bit and a T-token
-        # verify step equals T one-token steps; speculative decoding's greedy identity rests on it. Off for plain
-        # decoding: inductor then keeps some fused intermediates in fp32, measured ~10-25 % faster decode.
+        # verify step equals T one-token steps: plain and speculative greedy decoding then give the same text
+        # (eager decoding too, but where csrc/pointwise.c's RMSNorm/SiLU land on a rounding tie).
+        # None (the default): exact wherever attention runs in the C kernel (kernels/cache_attention.py),
+        # where it costs nothing (default model, AVX512-BF16 path: 6.01 vs 6.13 ms a step, interleaved). Where
+        # attention is left to inductor, exact rounding makes its fused loop ~10-25 % slower: plain decoding
+        # then runs inexact and only speculation's verifier asks for exact steps.
+        if exact is None:
+            exact = cache_attention.available()
         self.exact = exact and model.dtype in (torch.bfloat16, torch.float16)
         self.compile_s = 0.0
         self.note = ""

@@ -146,14 +146,15 @@ class Generator:
             from .fast import CompiledDecoder
 
             self.compiled = CompiledDecoder(model)
-            if speculator is not None:
-                self.verifier = CompiledDecoder(model, exact=True) if self.compiled.enabled else None
+            if speculator is not None and self.compiled.enabled:  # the plain steps, when they round exactly
+                exact = self.compiled.exact or model.dtype not in (torch.bfloat16, torch.float16)
+                self.verifier = self.compiled if exact else CompiledDecoder(model, exact=True)
 
     @property
     def compile_s(self) -> float:
         """Seconds spent compiling (or loading cached compiled code for) the decode steps so far."""
         steps = (self.compiled, self.verifier, getattr(self.speculator and self.speculator.drafter, "compiled", None))
-        return sum(c.compile_s for c in steps if c is not None)
+        return sum(c.compile_s for c in {id(c): c for c in steps if c is not None}.values())
 
     @property
     def note(self) -> str:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, rope_inv_freq
-from .kernels import native
+from .kernels import cache_attention, native
 
 
 def _eager_inference(*tensors: torch.Tensor) -> bool:
@@ -189,6 +189,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
         self.window = cfg.sliding_window
         self.cache: KVCache | None = None
+        # decode/verify attention through the C kernel (kernels/cache_attention.py); set by setup_cache, a plain
+        # attribute so the compiled steps' fingerprint records which path they traced
+        self.cache_kernel = False
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
                 use_cache: bool) -> torch.Tensor:
@@ -234,10 +237,23 @@ class Attention(nn.Module):
 
     def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """T new tokens per sequence (x (B, T, C) at positions pos (T,); T = 1 to decode, more to verify
-        speculative drafts) with static shapes only: attends over the whole cache with a position mask, written
-        out so torch.compile/inductor can fuse it instead of calling SDPA."""
+        speculative drafts) with static shapes only. Attention: the C kernel where it is built (`cache_kernel`:
+        each query over the slots it may see, as one opaque op in the compiled step), else the whole cache with a
+        position mask, written out so torch.compile/inductor can fuse it instead of calling SDPA."""
         B, T, _ = x.shape
         cache = self.cache
+        if self.cache_kernel:
+            H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
+            qkv = self.qkv_proj(x)                                                 # (B, T, (H + 2 Hkv) D)
+            qk = qkv[..., :self.cfg.q_size + self.cfg.kv_size].view(B, T, H + Hkv, D)
+            qk = apply_rope(qk, cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None])  # (B, T, H + Hkv, D)
+            k = qk[:, :, H:].transpose(1, 2)                                        # (B, Hkv, T, D)
+            v = qkv[..., self.cfg.q_size + self.cfg.kv_size:].view(B, T, Hkv, D).transpose(1, 2)
+            cache.write(pos, k, v)
+            # each query over the slots it may see, per-query arithmetic independent of T (see the kernel)
+            y = cache_attention.cache_attention(qk[:, :, :H].contiguous(), cache.k, cache.v, cache.slot_pos, pos,
+                                                self.window or 0)                  # (B, T, H, D)
+            return self.o_proj(y.reshape(B, T, self.cfg.q_size))
         q, k, v = self.qkv_proj(x).split([self.cfg.q_size, self.cfg.kv_size, self.cfg.kv_size], dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)     # (B, Hkv, T, D)
@@ -392,6 +408,9 @@ class Transformer(nn.Module):
             else:
                 cache.reset()
         self.cache_len = max_len
+        kernel = dtype in (torch.float32, torch.bfloat16) and cfg.head_dim <= 256 and cache_attention.available()
+        for layer in self.layers:
+            layer.self_attn.cache_kernel = kernel
         if self.rope_cos is None or self.rope_cos.shape[0] < max_len:
             self.init_rope(max(max_len, cfg.max_seq_len))
 

@@ -10,7 +10,9 @@ Drafters (`--speculative`):
 
 Exactness. Greedy: a drafted token is kept only if it is the target's argmax at that position, and the
 target's own argmax replaces the first one that is not, so the text equals plain greedy decoding of the same
-weights (up to float rounding between the one-token and the K-token forward: a change needs a near-exact tie).
+weights. Bit for bit where every op of the step is per row (the default model: int8-activation linears, attention
+in kernels/cache_attention.py, exact-rounding compiled steps); with dense fp32/bf16 weights a K-row GEMM may
+round unlike a one-row one, so a change there needs a near-exact tie.
 Sampling: the rule of Leviathan et al. (2023) / Chen et al. (2023): keep drafted token d with probability
 min(1, p(d) / q(d)), else sample from norm(max(0, p - q)) and stop; after K kept tokens, sample one more from
 the target. p and q are the target's and drafter's distributions after the same temperature / top-k / top-p /
@@ -45,8 +47,8 @@ METHODS = ("lookup", "self", "draft")
 K_MAX = 16           # the largest draft length (the K sweep ends here)
 # Adaptive K moves along the draft lengths the compiled verify step has a size for (fast.VERIFY_SIZES - 1; other
 # K are padded up to the next size and cost as much): up after a fully accepted draft, down when fewer than half
-# the drafts were kept. A verified row is not free (default model, AVX512-BF16 path: 4 tokens 17.2 ms, 1 token
-# 7.4 ms, so ~45 % of a step per extra row), so short drafts win unless most are kept.
+# the drafts were kept. A verified row is not free (default model, AVX512-BF16 path: 4 tokens ~9 ms, 1 token
+# ~5.4 ms, so ~23 % of a step per extra row), so short drafts win unless most are kept.
 K_STEPS = (1, 3, 7, 16)
 K_START = 3
 LOOKUP_NGRAM = (3, 2)  # prompt lookup tries n-grams of 3 tokens, then 2. Not 1 (HF's default goes down to 1): a

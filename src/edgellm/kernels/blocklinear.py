@@ -50,6 +50,7 @@ class BlockQLinear(nn.Module):
         # -1: no usable C kernel here, torch computes the same product from the dequantized weight.
         isa = cpu.int8_dot_isa()
         self.isa = isa if isa is not None and blockq.available() else -1
+        blockq.register_ops()  # now, not first inside a torch.compile trace (dynamo cannot trace the build)
 
     @property
     def weight_blocks(self) -> BlockWeight:

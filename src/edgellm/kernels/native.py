@@ -3,14 +3,17 @@
 - `dequant_int4.c`: torch's packed int4 layout -> transposed bf16 weight, for int4 prefill (quant/linear.py).
 - `attention_bf16.c`: causal attention for bf16 prefill with AVX512-BF16 dot products (model.py).
 - `attention_f32.c`: the same for fp32 prefill with AVX2 + FMA (CPUs without native bf16).
-- `decode_attention.c`: one decode step of attention for sequences in rows of a pooled cache (serve/engine.py).
+- `decode_attention.c`: one decode step of attention for sequences in rows of a pooled cache (serve/engine.py),
+  and attention over a whole static cache for the compiled decode/verify steps (its torch operator:
+  `decode_attention_op.cpp`, kernels/cache_attention.py).
 - `pointwise.c`: RMSNorm and SiLU(gate) * up in one pass each, for eager (prefill) forwards (model.py).
 
 Each is compiled with the system C compiler (`$CC`, else cc/gcc/clang; `-O3 -march=native -fopenmp`, ~0.3 s),
 cached in `~/.cache/edgellm/native/` under a hash of the source, compiler, flags and CPU, and checked against
 a torch reference before it is used. Without a compiler, or if any of that fails, the accessor returns None
 (the reason is in `reasons[name]`) and callers keep the torch path. `EDGELLM_NATIVE=0` turns all off.
-(qmatmul.c, the int8-activation kernel, is built with its torch operator by `load_torch_op`: kernels/blockq.py.)
+(qmatmul.c, the int8-activation kernel, and decode_attention.c are built with their torch operators by
+`load_torch_op`: kernels/blockq.py, kernels/cache_attention.py.)
 Their OpenMP threads are torch's: the libraries link `libgomp.so.1`, which torch has already loaded.
 """
 
@@ -376,12 +379,19 @@ def _decode_attention_self_check(attend: DecodeAttention) -> bool:
 
 
 @functools.cache
+def decode_attention_library() -> tuple[ctypes.CDLL, bool] | None:
+    """csrc/decode_attention.c with its torch operator (kernels/cache_attention.py), as `load_torch_op` gives it."""
+    return load_torch_op("decode_attention")
+
+
+@functools.cache
 def decode_attention() -> DecodeAttention | None:
     """The batched decode-attention kernel, or None (the reason is in `reasons["decode_attention"]`)."""
-    fns = _functions("decode_attention", "edgellm_decode_attention")
-    if fns is None:
+    loaded = decode_attention_library()
+    fn = None if loaded is None else getattr(loaded[0], "edgellm_decode_attention", None)
+    if fn is None:
+        reasons.setdefault("decode_attention", "building decode_attention failed")
         return None
-    (fn,) = fns
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int]
     return _verified("decode_attention", _wrap_decode_attention(fn), _decode_attention_self_check)

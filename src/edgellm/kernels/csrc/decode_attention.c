@@ -1,18 +1,30 @@
-/* One decode step of attention for a batch of sequences held in rows of a pooled KV cache (continuous
- * batching in `edgellm serve`). Sequence b is cache row rows[b]; its query attends to keys lo[b]..hi[b].
+/* Attention of new tokens' queries over a KV cache, two entry points with the same per-query arithmetic:
+ * - edgellm_decode_attention: one decode step for a batch of sequences held in rows of a pooled KV cache
+ *   (continuous batching in `edgellm serve`). Sequence b is cache row rows[b]; its query attends to keys
+ *   lo[b]..hi[b].
+ * - edgellm_cache_attention: T new tokens per sequence over a whole static cache (the compiled decode step,
+ *   T = 1, and the speculative verify step, T > 1; called as a torch operator, decode_attention_op.cpp). A
+ *   query sees the slots whose position is <= its own (and inside the window): rejected drafts left behind
+ *   and later tokens of the same call are skipped, so a query's result is the same whatever T is.
  *
  * Why a kernel: the torch path is one attention call per sequence per layer (each repacks its keys), ~8x the
  * launches of everything else in the step. Here one call per layer does every (sequence, kv head) pair, reading
  * the cache in place. Each sequence's arithmetic depends only on its own keys (fixed loop order, no work
  * sharing inside a pair), so a batched answer equals the same sequence decoded alone, bit for bit.
  *
- * Plain C: the compiler vectorizes the head-dim loops (`omp simd`, a fixed reduction order for a given build).
- * Layouts: q and out (B, H, D); cache k, v (P, Hkv, S, D); all contiguous, fp32 (dtype 0) or bf16 (dtype 1).
+ * Built for the x86-64-v3 baseline: AVX2 + FMA code (bf16 rows widened by a shift, a vectorized exp) for head dims
+ * that are a multiple of 8; plain C elsewhere (the compiler vectorizes the head-dim loops, `omp simd`). Either way
+ * a fixed reduction order for a given build.
+ * Layouts (all contiguous, fp32 or bf16): decode_attention q and out (B, H, D), cache k, v (P, Hkv, S, D);
+ * cache_attention q and out (B, T, H, D), cache k, v (>= B, Hkv, S, D), slot_pos (S,), qpos (T,).
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 static inline float from_bf16(uint16_t x) {
     uint32_t u = (uint32_t)x << 16;
@@ -37,6 +49,253 @@ static inline void load_row(int bf16, const void *base, int64_t index, int64_t D
     }
 }
 
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define HAVE_AVX2_PATH 1
+
+static inline __m256 load8(int bf16, const void *base, int64_t elem) { /* 8 elements as fp32 */
+    if (bf16) {
+        const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)base + elem));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    return _mm256_loadu_ps((const float *)base + elem);
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+static inline float hmax8(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* exp of softmax arguments (x <= 0; below -87, -inf included, gives 0): Cephes' expf, range reduction by ln 2
+ * in two parts, a degree-5 polynomial, 2^n through the exponent bits. Within 2 ulp of expf. */
+static inline __m256 exp8(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.0f);
+    const __m256 zero = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lo);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(zero, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+/* 8 outputs times 1/sum, stored as bf16 (round to nearest even) or fp32 at element `at` of out. */
+static inline void store8_scaled(int bf16, void *out, int64_t at, __m256 v, __m256 inv) {
+    const __m256 y = _mm256_mul_ps(v, inv);
+    if (bf16) {
+        float t[8];
+        _mm256_storeu_ps(t, y);
+        for (int i = 0; i < 8; i++) ((uint16_t *)out)[at + i] = to_bf16(t[i]);
+    } else {
+        _mm256_storeu_ps((float *)out + at, y);
+    }
+}
+
+/* attend_group (below) with AVX2 + FMA, for D a multiple of 8 (<= 256) and G <= 8. */
+static int attend_group_avx2(int bf16, const void *q, const void *k, const void *v, void *out, int64_t q_row,
+                             int64_t kv_base, const int64_t *slots, int64_t L, int64_t G, int64_t D, float scale) {
+    const int64_t Lp = (L + 7) & ~(int64_t)7, nc = D / 8;
+    float *s = malloc((size_t)(G * Lp + 2 * G * D + D) * 4);
+    if (!s) return 1;
+    float *qf = s + G * Lp, *o = qf + G * D, *kv = o + G * D;
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t c = 0; c < nc; c++) _mm256_storeu_ps(qf + g * D + 8 * c, load8(bf16, q, (q_row + g) * D + 8 * c));
+    for (int64_t j = 0; j < L; j++) { /* scores: every head of the group against key j */
+        const int64_t row = kv_base + (slots ? slots[j] : j);
+        for (int64_t c = 0; c < nc; c++) _mm256_storeu_ps(kv + 8 * c, load8(bf16, k, row * D + 8 * c));
+        for (int64_t g = 0; g < G; g++) {
+            const float *qg = qf + g * D;
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+            int64_t c = 0;
+            for (; c + 1 < nc; c += 2) {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * c), _mm256_loadu_ps(kv + 8 * c), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * c + 8), _mm256_loadu_ps(kv + 8 * c + 8), a1);
+            }
+            if (c < nc) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * c), _mm256_loadu_ps(kv + 8 * c), a0);
+            s[g * Lp + j] = hsum8(_mm256_add_ps(a0, a1)) * scale;
+        }
+    }
+    float inv[8];
+    for (int64_t g = 0; g < G; g++) { /* softmax in fp32; the 1/sum is applied to the output */
+        float *sg = s + g * Lp;
+        for (int64_t j = L; j < Lp; j++) sg[j] = -INFINITY;
+        __m256 mv = _mm256_set1_ps(-INFINITY), sum = _mm256_setzero_ps();
+        for (int64_t j = 0; j < Lp; j += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(sg + j));
+        const __m256 m = _mm256_set1_ps(hmax8(mv));
+        for (int64_t j = 0; j < Lp; j += 8) {
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sg + j), m));
+            _mm256_storeu_ps(sg + j, e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        inv[g] = 1.f / hsum8(sum);
+    }
+    memset(o, 0, (size_t)(G * D) * 4);
+    for (int64_t j = 0; j < L; j++) { /* out = P V */
+        const int64_t row = kv_base + (slots ? slots[j] : j);
+        for (int64_t c = 0; c < nc; c++) _mm256_storeu_ps(kv + 8 * c, load8(bf16, v, row * D + 8 * c));
+        for (int64_t g = 0; g < G; g++) {
+            const __m256 p = _mm256_set1_ps(s[g * Lp + j]);
+            float *og = o + g * D;
+            for (int64_t c = 0; c < nc; c++)
+                _mm256_storeu_ps(og + 8 * c, _mm256_fmadd_ps(p, _mm256_loadu_ps(kv + 8 * c), _mm256_loadu_ps(og + 8 * c)));
+        }
+    }
+    for (int64_t g = 0; g < G; g++) {
+        const __m256 iv = _mm256_set1_ps(inv[g]);
+        for (int64_t c = 0; c < nc; c++)
+            store8_scaled(bf16, out, (q_row + g) * D + 8 * c, _mm256_loadu_ps(o + g * D + 8 * c), iv);
+    }
+    free(s);
+    return 0;
+}
+
+/* D = 64 * nb (head dims 64, 128, ...): the query head's 64-wide block stays in 8 registers while four keys at a
+ * time are dotted with it (one horizontal reduction for the four), and the output block accumulates in 8
+ * registers over all keys. Same inputs, same order, same result, whatever T or the batch. */
+static int attend_group_d64(int bf16, const void *q, const void *k, const void *v, void *out, int64_t q_row,
+                            int64_t kv_base, const int64_t *slots, int64_t L, int64_t G, int64_t D, float scale) {
+    const int64_t Lp = (L + 7) & ~(int64_t)7, nb = D / 64;
+    float *s = malloc((size_t)(G * Lp) * 4 + (size_t)L * 8);
+    if (!s) return 1;
+    int64_t *rows = (int64_t *)(s + G * Lp); /* element offset of each key row */
+    for (int64_t j = 0; j < L; j++) rows[j] = (kv_base + (slots ? slots[j] : j)) * D;
+    for (int64_t g = 0; g < G; g++) {
+        float *sg = s + g * Lp;
+        for (int64_t blk = 0; blk < nb; blk++) {
+            __m256 qv[8];
+            for (int c = 0; c < 8; c++) qv[c] = load8(bf16, q, (q_row + g) * D + 64 * blk + 8 * c);
+            int64_t j = 0;
+            for (; j + 4 <= L; j += 4) {
+                __m256 a[4];
+                for (int u = 0; u < 4; u++) {
+                    const int64_t at = rows[j + u] + 64 * blk;
+                    __m256 acc = _mm256_mul_ps(qv[0], load8(bf16, k, at));
+                    for (int c = 1; c < 8; c++) acc = _mm256_fmadd_ps(qv[c], load8(bf16, k, at + 8 * c), acc);
+                    a[u] = acc;
+                }
+                const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+                __m128 r4 = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)); /* keys j..j+3 */
+                if (blk) r4 = _mm_add_ps(_mm_loadu_ps(sg + j), r4);
+                _mm_storeu_ps(sg + j, r4);
+            }
+            for (; j < L; j++) {
+                const int64_t at = rows[j] + 64 * blk;
+                __m256 acc = _mm256_mul_ps(qv[0], load8(bf16, k, at));
+                for (int c = 1; c < 8; c++) acc = _mm256_fmadd_ps(qv[c], load8(bf16, k, at + 8 * c), acc);
+                sg[j] = blk ? sg[j] + hsum8(acc) : hsum8(acc);
+            }
+        }
+        /* softmax in fp32 (the 1/sum is applied to the output) */
+        const __m256 sc = _mm256_set1_ps(scale);
+        for (int64_t j = L; j < Lp; j++) sg[j] = -INFINITY;
+        __m256 mv = _mm256_set1_ps(-INFINITY), sum = _mm256_setzero_ps();
+        for (int64_t j = 0; j < Lp; j += 8) {
+            const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(sg + j), sc);
+            _mm256_storeu_ps(sg + j, x);
+            mv = _mm256_max_ps(mv, x);
+        }
+        const __m256 m = _mm256_set1_ps(hmax8(mv));
+        for (int64_t j = 0; j < Lp; j += 8) {
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sg + j), m));
+            _mm256_storeu_ps(sg + j, e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        const __m256 inv = _mm256_set1_ps(1.f / hsum8(sum));
+        for (int64_t blk = 0; blk < nb; blk++) { /* out = P V, this 64-wide block */
+            __m256 o[8];
+            for (int c = 0; c < 8; c++) o[c] = _mm256_setzero_ps();
+            for (int64_t j = 0; j < L; j++) {
+                const __m256 pj = _mm256_broadcast_ss(sg + j);
+                const int64_t at = rows[j] + 64 * blk;
+                for (int c = 0; c < 8; c++) o[c] = _mm256_fmadd_ps(pj, load8(bf16, v, at + 8 * c), o[c]);
+            }
+            for (int c = 0; c < 8; c++) store8_scaled(bf16, out, (q_row + g) * D + 64 * blk + 8 * c, o[c], inv);
+        }
+    }
+    free(s);
+    return 0;
+}
+#endif
+
+/* The G query heads of one kv head (query rows q_row .. q_row + G - 1 of (.., D)) against L keys of the cache
+ * (rows kv_base + slots[n] of (.., D), or kv_base + n when slots is NULL), written to out rows q_row.. .
+ * Fixed loop order: the result depends only on these inputs. 0, or 1 when out of memory. */
+static int attend_group(int bf16, const void *q, const void *k, const void *v, void *out, int64_t q_row,
+                        int64_t kv_base, const int64_t *slots, int64_t L, int64_t G, int64_t D, float scale) {
+#ifdef HAVE_AVX2_PATH
+    if (D % 64 == 0)
+        return attend_group_d64(bf16, q, k, v, out, q_row, kv_base, slots, L, G, D, scale);
+    if (D % 8 == 0 && D <= 256 && G <= 8)
+        return attend_group_avx2(bf16, q, k, v, out, q_row, kv_base, slots, L, G, D, scale);
+#endif
+    float *s = malloc((size_t)(G * L + G * D + D) * 4);
+    if (!s) return 1;
+    float *qf = s + G * L, *kv = qf + G * D;
+    for (int64_t g = 0; g < G; g++) load_row(bf16, q, q_row + g, D, qf + g * D);
+    for (int64_t j = 0; j < L; j++) { /* scores: every head of the group against key j */
+        load_row(bf16, k, kv_base + (slots ? slots[j] : j), D, kv);
+        for (int64_t g = 0; g < G; g++) {
+            const float *qg = qf + g * D;
+            float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t d = 0; d < D; d++) acc += qg[d] * kv[d];
+            s[g * L + j] = acc * scale;
+        }
+    }
+    for (int64_t g = 0; g < G; g++) { /* softmax in fp32 */
+        float *sg = s + g * L, m = -INFINITY, sum = 0.f;
+        for (int64_t j = 0; j < L; j++) m = sg[j] > m ? sg[j] : m;
+        for (int64_t j = 0; j < L; j++) {
+            sg[j] = expf(sg[j] - m);
+            sum += sg[j];
+        }
+        const float inv = 1.f / sum;
+        for (int64_t j = 0; j < L; j++) sg[j] *= inv;
+    }
+    float acc[256 * 8];
+    float *o = G <= 8 ? acc : malloc((size_t)(G * D) * 4);
+    if (!o) {
+        free(s);
+        return 1;
+    }
+    memset(o, 0, (size_t)(G * D) * 4);
+    for (int64_t j = 0; j < L; j++) { /* out = P V */
+        load_row(bf16, v, kv_base + (slots ? slots[j] : j), D, kv);
+        for (int64_t g = 0; g < G; g++) {
+            float *og = o + g * D;
+            const float p = s[g * L + j];
+#pragma omp simd
+            for (int64_t d = 0; d < D; d++) og[d] += p * kv[d];
+        }
+    }
+    for (int64_t g = 0; g < G; g++) {
+        const int64_t at = (q_row + g) * D;
+        if (bf16)
+            for (int64_t d = 0; d < D; d++) ((uint16_t *)out)[at + d] = to_bf16(o[g * D + d]);
+        else
+            memcpy((float *)out + at, o + g * D, (size_t)D * 4);
+    }
+    if (o != acc) free(o);
+    free(s);
+    return 0;
+}
+
 int edgellm_decode_attention(int bf16, const void *q, const void *k, const void *v, void *out,
                              const int64_t *rows, const int64_t *lo, const int64_t *hi,
                              int64_t B, int64_t H, int64_t Hkv, int64_t S, int64_t D, float scale, int threads) {
@@ -48,63 +307,47 @@ int edgellm_decode_attention(int bf16, const void *q, const void *k, const void 
     if (threads < 1) threads = 1;
 #pragma omp parallel for num_threads(threads) schedule(dynamic)
     for (int64_t job = 0; job < B * Hkv; job++) {
-        const int64_t b = job / Hkv, hk = job % Hkv, L = hi[b] - lo[b] + 1;
-        const int64_t base = (rows[b] * Hkv + hk) * S + lo[b]; /* row index of key lo[b] in (P*Hkv*S, D) */
-        float *s = malloc((size_t)(G * L + G * D + D) * 4);
-        if (!s) {
+        const int64_t b = job / Hkv, hk = job % Hkv;
+        /* key lo[b] of (row, kv head) is row (rows[b] * Hkv + hk) * S + lo[b] of (P*Hkv*S, D) */
+        if (attend_group(bf16, q, k, v, out, b * H + hk * G, (rows[b] * Hkv + hk) * S + lo[b], NULL,
+                         hi[b] - lo[b] + 1, G, D, scale)) {
 #pragma omp atomic write
             failed = 1;
-            continue;
         }
-        float *qf = s + G * L, *kv = qf + G * D;
-        for (int64_t g = 0; g < G; g++) load_row(bf16, q, b * H + hk * G + g, D, qf + g * D);
-        for (int64_t j = 0; j < L; j++) { /* scores: every head of the group against key j */
-            load_row(bf16, k, base + j, D, kv);
-            for (int64_t g = 0; g < G; g++) {
-                const float *qg = qf + g * D;
-                float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-                for (int64_t d = 0; d < D; d++) acc += qg[d] * kv[d];
-                s[g * L + j] = acc * scale;
-            }
-        }
-        for (int64_t g = 0; g < G; g++) { /* softmax in fp32 */
-            float *sg = s + g * L, m = -INFINITY, sum = 0.f;
-            for (int64_t j = 0; j < L; j++) m = sg[j] > m ? sg[j] : m;
-            for (int64_t j = 0; j < L; j++) {
-                sg[j] = expf(sg[j] - m);
-                sum += sg[j];
-            }
-            const float inv = 1.f / sum;
-            for (int64_t j = 0; j < L; j++) sg[j] *= inv;
-        }
-        float acc[256 * 8];
-        float *o = G <= 8 ? acc : malloc((size_t)(G * D) * 4);
-        if (!o) {
-            free(s);
+    }
+    return failed ? 2 : 0;
+}
+
+int edgellm_cache_attention(int bf16, const void *q, const void *k, const void *v, void *out,
+                            const int64_t *slot_pos, const int64_t *qpos, int64_t window, int64_t B, int64_t T,
+                            int64_t H, int64_t Hkv, int64_t S, int64_t D, float scale, int threads) {
+    if (H % Hkv || D > 256 || D < 1 || S < 1) return 1;
+    const int64_t G = H / Hkv, jobs = B * T * Hkv;
+    int failed = 0;
+#ifdef _OPENMP
+    if (threads < 1) threads = omp_get_max_threads(); /* torch.set_num_threads sets this (same libgomp) */
+#endif
+    if (threads > jobs) threads = (int)jobs;
+    if (threads < 1) threads = 1;
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t *slots = malloc((size_t)S * 8); /* the slots query t sees, in slot order */
+#pragma omp for schedule(static)
+        for (int64_t job = 0; job < jobs; job++) {
+            const int64_t b = job / (T * Hkv), t = job / Hkv % T, hk = job % Hkv, p = qpos[t];
+            int64_t L = 0;
+            if (slots)
+                for (int64_t j = 0; j < S; j++) {
+                    const int64_t sp = slot_pos[j];
+                    if (sp >= 0 && sp <= p && (window <= 0 || sp > p - window)) slots[L++] = j;
+                }
+            if (!slots || L == 0 || attend_group(bf16, q, k, v, out, (b * T + t) * H + hk * G,
+                                                 (b * Hkv + hk) * S, slots, L, G, D, scale)) {
 #pragma omp atomic write
-            failed = 1;
-            continue;
-        }
-        memset(o, 0, (size_t)(G * D) * 4);
-        for (int64_t j = 0; j < L; j++) { /* out = P V */
-            load_row(bf16, v, base + j, D, kv);
-            for (int64_t g = 0; g < G; g++) {
-                float *og = o + g * D;
-                const float p = s[g * L + j];
-#pragma omp simd
-                for (int64_t d = 0; d < D; d++) og[d] += p * kv[d];
+                failed = 1;
             }
         }
-        for (int64_t g = 0; g < G; g++) {
-            const int64_t at = (b * H + hk * G + g) * D;
-            if (bf16)
-                for (int64_t d = 0; d < D; d++) ((uint16_t *)out)[at + d] = to_bf16(o[g * D + d]);
-            else
-                memcpy((float *)out + at, o + g * D, (size_t)D * 4);
-        }
-        if (o != acc) free(o);
-        free(s);
+        free(slots);
     }
     return failed ? 2 : 0;
 }

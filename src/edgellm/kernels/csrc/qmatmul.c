@@ -6,7 +6,7 @@
  * detection, so EDGELLM_ISA=avx2 really runs the AVX2 code on any machine):
  *   isa 0: AVX2     vpmaddubsw + vpmaddwd       (every x86-64 laptop since ~2013)
  *   isa 1: AVX-VNNI vpdpbusd on ymm (VEX)       (Intel Core 12th gen+, Zen 5 client)
- *   isa 2: AVX512-VNNI vpdpbusd on ymm (EVEX)   (Xeon, Zen 4/5)
+ *   isa 2: AVX512-VNNI vpdpbusd on zmm (Q4) / ymm (Q8)  (Xeon, Zen 4/5)
  *
  * Weight layout (made once at load, see kernels/blockq.py), rows interleaved by R = 4 so one thread streams
  * one contiguous run of memory and each loaded activation block serves four rows:
@@ -152,7 +152,6 @@ static inline void store4(void *y, int y_bf16, int64_t row_off, int64_t n0, int6
     _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16((a), (x)), _mm256_maddubs_epi16((b), (y))),     \
                       _mm256_set1_epi16(1))
 #define DOT2_AVXVNNI(a, x, b, y) _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), (a), (x)), (b), (y))
-#define DOT2_AVX512VNNI(a, x, b, y) _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), (a), (x)), (b), (y))
 
 /* Signed x signed: |w| as unsigned, x carrying w's sign (llama.cpp's trick; |-128| = 128 fits a u8). */
 #define Q8_GROUP(NAME, DOT, TARGET)                                                                            \
@@ -178,7 +177,79 @@ static inline void store4(void *y, int y_bf16, int64_t row_off, int64_t n0, int6
 
 Q4_GROUP(q4_group_avx2, DOT2_AVX2, )
 Q4_GROUP(q4_group_avxvnni, DOT2_AVXVNNI, __attribute__((target("avxvnni"))))
-Q4_GROUP(q4_group_avx512vnni, DOT2_AVX512VNNI, __attribute__((target("avx512vnni,avx512vl"))))
+
+/* AVX512-VNNI on zmm: a block's four 16-byte rows are one 64-byte load, and each 128-bit lane meets the
+ * activation's 16 bytes broadcast to all four lanes, so one vpdpbusd pair does what two pairs do on ymm. Each
+ * int32 lane holds the same partial sum as in Q4_GROUP and is scaled and accumulated in the same order, so the
+ * result is bit-identical to the ymm variants; ~35 % fewer instructions per block. */
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl"))) static __m128 q4_group_avx512vnni(
+    const uint8_t *qs, const uint16_t *dm, int64_t nb, const int8_t *xq, const float *xd, const float *xs) {
+    const __m512i nib = _mm512_set1_epi8(0x0F);
+    const __m512i sel = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    __m512 acc = _mm512_setzero_ps();
+    __m128 accm = _mm_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *q = qs + b * R * 16;
+        _mm_prefetch((const char *)(q + PREFETCH), _MM_HINT_T0);
+        _mm_prefetch((const char *)(dm + b * 2 * R) + PREFETCH / 4, _MM_HINT_T0);
+        const __m512i xlo = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xq + b * QK)));
+        const __m512i xhi = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xq + b * QK + 16)));
+        const __m512i v = _mm512_loadu_si512((const void *)q); /* rows 0..3, 16 bytes each */
+        __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v, nib), xlo);
+        p = _mm512_dpbusd_epi32(p, _mm512_and_si512(_mm512_srli_epi16(v, 4), nib), xhi);
+        const __m256 f = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + b * 2 * R))); /* d0..3 m0..3 */
+        const __m256 ds = _mm256_mul_ps(f, _mm256_set1_ps(xd[b]));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(sel, _mm512_castps256_ps512(ds)), acc);
+        accm = _mm_fmadd_ps(_mm256_extractf128_ps(f, 1), _mm_set1_ps(xs[b]), accm);
+    }
+    /* lanes 0-7 are Q4_GROUP's acc01 (rows 0, 1), lanes 8-15 its acc23: the same reduction */
+    __m256 h = _mm256_hadd_ps(_mm512_castps512_ps256(acc), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1)));
+    h = _mm256_hadd_ps(h, h);
+    __m128 lo = _mm256_castps256_ps128(h), hi = _mm256_extractf128_ps(h, 1);
+    return _mm_add_ps(_mm_unpacklo_ps(lo, hi), accm);
+}
+/* q4_group_avx512vnni for MR activation rows at once (speculative verification, batched decode): the block's
+ * weights are loaded and unpacked once for all rows. Each row's lanes see exactly the operations of the one-row
+ * function, in the same order, so every row's result is bit-identical to it. */
+#define MR 4
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl"))) static void q4_group_rows_avx512vnni(
+    const uint8_t *qs, const uint16_t *dm, int64_t nb, int64_t rows, const int8_t *xq, const float *xd,
+    const float *xs, int64_t K, __m128 *out) {
+    const __m512i nib = _mm512_set1_epi8(0x0F);
+    const __m512i sel = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    __m512 acc[MR];
+    __m128 accm[MR];
+    for (int m = 0; m < MR; m++) acc[m] = _mm512_setzero_ps(), accm[m] = _mm_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *q = qs + b * R * 16;
+        _mm_prefetch((const char *)(q + PREFETCH), _MM_HINT_T0);
+        _mm_prefetch((const char *)(dm + b * 2 * R) + PREFETCH / 4, _MM_HINT_T0);
+        const __m512i v = _mm512_loadu_si512((const void *)q);
+        const __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+        const __m256 f = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + b * 2 * R)));
+        const __m128 fm = _mm256_extractf128_ps(f, 1);
+        for (int m = 0; m < MR; m++) {
+            if (m >= rows) break;
+            const int8_t *x = xq + m * K + b * QK;
+            const __m512i xlo = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)x));
+            const __m512i xhi = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(x + 16)));
+            __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo);
+            p = _mm512_dpbusd_epi32(p, hi, xhi);
+            const __m256 ds = _mm256_mul_ps(f, _mm256_set1_ps(xd[m * (K / QK) + b]));
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(sel, _mm512_castps256_ps512(ds)),
+                                     acc[m]);
+            accm[m] = _mm_fmadd_ps(fm, _mm_set1_ps(xs[m * (K / QK) + b]), accm[m]);
+        }
+    }
+    for (int m = 0; m < MR && m < rows; m++) {
+        __m256 h = _mm256_hadd_ps(_mm512_castps512_ps256(acc[m]),
+                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[m]), 1)));
+        h = _mm256_hadd_ps(h, h);
+        __m128 l = _mm256_castps256_ps128(h), u = _mm256_extractf128_ps(h, 1);
+        out[m] = _mm_add_ps(_mm_unpacklo_ps(l, u), accm[m]);
+    }
+}
+
 Q8_GROUP(q8_group_avx2, DOT_AVX2, )
 Q8_GROUP(q8_group_avxvnni, DOT_AVXVNNI, __attribute__((target("avxvnni"))))
 Q8_GROUP(q8_group_avx512vnni, DOT_AVX512VNNI, __attribute__((target("avx512vnni,avx512vl"))))
@@ -209,6 +280,16 @@ int edgellm_qmatmul(int bits, const void *x, int x_bf16, int64_t M, int64_t K, c
     if (threads < 1 || groups < 2 * threads) threads = 1; /* too little work to split */
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t g = 0; g < groups; g++) {
+        if (bits == 4 && isa == 2 && M > 1) { /* several rows: unpack each weight block once per MR rows */
+            const uint8_t *q = (const uint8_t *)qs + g * nb * R * 16;
+            const uint16_t *s = dm + g * nb * 2 * R;
+            for (int64_t m0 = 0; m0 < M; m0 += MR) {
+                __m128 acc[MR];
+                q4_group_rows_avx512vnni(q, s, nb, M - m0, xq + m0 * K, xd + m0 * nb, xs + m0 * nb, K, acc);
+                for (int64_t m = m0; m < M && m < m0 + MR; m++) store4(y, y_bf16, m * N, g * R, N, acc[m - m0]);
+            }
+            continue;
+        }
         for (int64_t m = 0; m < M; m++) {
             __m128 acc;
             if (bits == 4) {
