@@ -408,7 +408,9 @@ class Transformer(nn.Module):
             else:
                 cache.reset()
         self.cache_len = max_len
-        kernel = dtype in (torch.float32, torch.bfloat16) and cfg.head_dim <= 256 and cache_attention.available()
+        # the kernel reads the cache in the queries' dtype: only where the two agree
+        kernel = (dtype == self.dtype and dtype in (torch.float32, torch.bfloat16) and cfg.head_dim <= 256
+                  and cache_attention.available())
         for layer in self.layers:
             layer.self_attn.cache_kernel = kernel
         if self.rope_cos is None or self.rope_cos.shape[0] < max_len:
