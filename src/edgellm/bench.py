@@ -96,7 +96,9 @@ class EdgeEngine(Engine):
         self.llm = llm
         self.params = SamplingParams
         self.compile = compile
-        self.name = f"edgellm ({'compiled' if compile else 'eager'})"
+        fast = llm.generator.compiled
+        kind = "eager" if fast is None else "C step" if fast.native is not None else "compiled"
+        self.name = f"edgellm ({kind})"
 
     def run(self, prompt_ids: list[int], new: int) -> Row:
         gen = self.llm.generator

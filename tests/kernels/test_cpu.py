@@ -44,4 +44,4 @@ def test_unknown_isa_is_a_clear_error(monkeypatch):
 def test_this_machine_is_described():
     line = cpu.summary()
     assert "path" in line and cpu.cpu_name() in line
-    assert set(cpu.paths()) == {"activations", "4/8-bit decode", "4/8-bit prefill", "prefill attention"}
+    assert set(cpu.paths()) == {"activations", "4/8-bit decode", "4/8-bit prefill", "decode step", "prefill attention"}

@@ -140,6 +140,7 @@ def paths(dtype: str | None = None) -> dict[str, str]:
         "activations": f"{act} ({'native bf16' if native_bf16() else 'no native bf16: fp32'} by --dtype auto)",
         "4/8-bit decode": dot + " (activations quantized to int8 per 32)",
         "4/8-bit prefill": f"dequantize a block of rows to {act}, then torch's {act} GEMM",
+        "decode step": "one C call per token (no compile) for block-quantized weights, else torch.compile",
         "prefill attention": ("C kernel, AVX512-BF16" if native_bf16() and act == "bf16" else
                               "C kernel, AVX2 fp32" if has("avx2") and act == "fp32" else f"torch ({act})"),
     }

@@ -7,6 +7,7 @@
   and attention over a whole static cache for the compiled decode/verify steps (its torch operator:
   `decode_attention_op.cpp`, kernels/cache_attention.py).
 - `pointwise.c`: RMSNorm and SiLU(gate) * up in one pass each, for eager (prefill) forwards (model.py).
+- `decode_step.c`: a whole decode/verify step of a block-quantized model, calling the kernels above (native_step.py).
 
 Each is compiled with the system C compiler (`$CC`, else cc/gcc/clang; `-O3 -march=native -fopenmp`, ~0.3 s),
 cached in `~/.cache/edgellm/native/` under a hash of the source, compiler, flags and CPU, and checked against
@@ -37,7 +38,9 @@ from . import cpu
 
 CSRC = Path(__file__).with_name("csrc")
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
-BASELINE_KERNELS = {"qmatmul", "attention_f32", "decode_attention"}
+BASELINE_KERNELS = {"qmatmul", "attention_f32", "decode_attention", "decode_step"}
+# decode_step.c rounds like eager torch: a product and a sum are never fused into one FMA
+EXTRA_FLAGS = {"decode_step": ["-ffp-contract=off"]}
 # why a kernel is off, by name ("" once it is on)
 reasons: dict[str, str] = {}
 
@@ -73,9 +76,10 @@ def _flag_sets(name: str) -> tuple[list[str], ...]:
     """-march=native, except for kernels that pick their instruction set at run time (the x86-64-v3 baseline:
     AVX2/FMA/F16C, VNNI variants by target attribute) and under EDGELLM_ISA, which must not let the compiler
     emit AVX-512 the forced path is meant to avoid."""
+    extra = EXTRA_FLAGS.get(name, [])
     if name in BASELINE_KERNELS or cpu.forced() is not None:
-        return (["-O3", "-march=x86-64-v3", "-fopenmp"], ["-O3", "-march=x86-64-v3"])
-    return FLAG_SETS
+        return (["-O3", "-march=x86-64-v3", "-fopenmp", *extra], ["-O3", "-march=x86-64-v3", *extra])
+    return tuple([*flags, *extra] for flags in FLAG_SETS)
 
 
 def _build(cc: str, name: str) -> Path:

@@ -2,8 +2,9 @@
 
 A pool of `parallel` KV-cache rows (each `ctx` slots, slot == position). A request takes a free row, is
 prefilled in chunks (interleaved with decode steps, so running streams keep flowing), then joins the batched
-decode step (`Transformer.batch_decode_step`: every row at its own position); a finished or cancelled request
-leaves before the next step and its row keeps its tokens for prompt-prefix reuse.
+decode step (`Transformer.batch_decode_step`, or one C call for block-quantized models: native_step.py; every row at
+its own position); a finished or cancelled request leaves before the next step and its row keeps its tokens for
+prompt-prefix reuse.
 
 Prefix reuse is exact: prefills run in fixed chunks of PREFILL_CHUNK positions (chunk boundaries at multiples of
 PREFILL_CHUNK from position 0) and only whole chunks written by a prefill are reused. A reused chunk therefore
@@ -29,6 +30,7 @@ import torch
 
 from ..generate import SamplingParams, apply_repetition_penalty, filter_logits
 from ..model import KVCache, Transformer
+from ..native_step import NativeStep
 from ..tokenizer import Tokenizer
 from .grammar import Matcher
 from .metrics import Metrics
@@ -105,6 +107,8 @@ class Engine:
                      for _ in model.layers]
         self.rows = [Row(r, [c.row(r) for c in self.pool]) for r in range(parallel)]
         model.init_rope(max(ctx, cfg.max_seq_len))
+        # block-quantized models decode the batch in one C call (equal to batch_decode_step bit for bit)
+        self.native, _ = NativeStep.create(model)
         self.inbox: queue.Queue[Request | Callable[[], None]] = queue.Queue()
         self.waiting: list[Request] = []
         self.running: list[Sequence] = []
@@ -231,7 +235,8 @@ class Engine:
         self.model.use_caches(self.pool)
         tokens = torch.tensor([[s.next_token] for s in seqs])
         rows, pos = [s.row.index for s in seqs], [s.pos for s in seqs]
-        logits = self.model.batch_decode_step(tokens, rows, pos)  # (B, V)
+        step = self.native.batch_step if self.native is not None else self.model.batch_decode_step
+        logits = step(tokens, rows, pos)  # (B, V)
         for i, seq in enumerate(seqs):
             seq.row.tokens.append(seq.next_token)
             seq.pos += 1
