@@ -105,3 +105,41 @@ def test_scheduler_batches_reuses_prefixes_and_answers_as_alone(tiny_checkpoints
         assert all(d["finish_reason"] == "length" and d["completion_tokens"] == 8 for _, d in together)
     finally:
         engine.stop()
+
+
+def test_engine_runs_on_the_thread_that_calls_run(tiny_checkpoints):
+    """The server loads the model and runs the loop on one thread (serve/app.py: OpenMP keeps a thread team per
+    thread that runs kernels, two such threads oversubscribe the cores); stop() from another thread ends it."""
+    llm = edgellm.load(tiny_checkpoints["llama"], dtype="fp32")
+    engine = Engine(llm.model, llm.tokenizer, parallel=2, ctx=64, max_queue=4)
+    worker = threading.Thread(target=engine.run)
+    worker.start()
+    try:
+        (tokens, done), = run(engine, [[5, 6, 7]], max_new=4)
+        assert len(tokens) == 4 and engine._thread is worker
+    finally:
+        engine.stop()
+        worker.join(timeout=10)
+    assert not worker.is_alive()
+
+
+def test_server_config_carries_the_thread_count():
+    from edgellm.serve.app import ServerConfig, create_app
+
+    assert create_app(ServerConfig()).state.server.cfg.threads == torch.get_num_threads()
+    assert create_app(ServerConfig(threads=1)).state.server.cfg.threads == 1
+
+
+@torch.inference_mode()
+def test_default_model_engine_decodes_in_c_as_the_eager_batch_step(default_gguf):
+    llm = edgellm.load(default_gguf)
+    engine = Engine(llm.model, llm.tokenizer, parallel=3, ctx=64, max_queue=4)
+    assert engine.native is not None
+    m = llm.model
+    seqs = [llm.tokenizer.encode(t) for t in ("The capital of France is", "One, two, three, four,")]
+    for r, ids in zip((2, 0), seqs, strict=True):
+        m.use_caches([c.row(r) for c in engine.pool])
+        m(torch.tensor([ids[:-1]]), 0, use_cache=True)
+    m.use_caches(engine.pool)
+    last, rows, pos = torch.tensor([[ids[-1]] for ids in seqs]), [2, 0], [len(ids) - 1 for ids in seqs]
+    assert torch.equal(engine.native.batch_step(last, rows, pos), m.batch_decode_step(last, rows, pos))

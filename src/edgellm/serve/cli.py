@@ -48,7 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = ServerConfig(model=args.model, dtype=args.dtype, parallel=args.parallel, ctx_size=args.ctx_size,
                        max_queue=args.max_queue, api_key=args.api_key, max_body_bytes=args.max_body,
-                       cors=tuple(args.cors), model_id=args.model_id, adapter=args.adapter)
+                       cors=tuple(args.cors), model_id=args.model_id, adapter=args.adapter, threads=args.threads)
     app = create_app(cfg)
     print(f"edgellm: serving on http://{args.host}:{args.port} (OpenAI API under /v1; GET /health is 503 until "
           f"the model is loaded)", file=sys.stderr, flush=True)

@@ -117,12 +117,19 @@ class Engine:
 
     # ------------------------------------------------------------------ the asyncio side
     def start(self) -> None:
+        """Run the loop on a thread of its own (the server runs it on the thread that loaded the model: run())."""
         self._thread.start()
+
+    def run(self) -> None:
+        """Run the loop on the calling thread until stop()."""
+        self._thread = threading.current_thread()
+        self._loop()
 
     def stop(self) -> None:
         self._stop.set()
         self.inbox.put(lambda: None)
-        self._thread.join(timeout=10)
+        if self._thread is not threading.current_thread() and self._thread.is_alive():
+            self._thread.join(timeout=10)
 
     def queue_full(self) -> bool:
         """True when every row is busy and max_queue requests already wait (read from another thread: a
