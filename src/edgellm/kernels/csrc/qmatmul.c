@@ -6,7 +6,7 @@
  * detection, so EDGELLM_ISA=avx2 really runs the AVX2 code on any machine):
  *   isa 0: AVX2     vpmaddubsw + vpmaddwd       (every x86-64 laptop since ~2013)
  *   isa 1: AVX-VNNI vpdpbusd on ymm (VEX)       (Intel Core 12th gen+, Zen 5 client)
- *   isa 2: AVX512-VNNI vpdpbusd on zmm (Q4) / ymm (Q8)  (Xeon, Zen 4/5)
+ *   isa 2: AVX512-VNNI vpdpbusd on zmm; one Q8 row on ymm  (Xeon, Zen 4/5)
  *
  * Weight layout (made once at load, see kernels/blockq.py), rows interleaved by R = 4 so one thread streams
  * one contiguous run of memory and each loaded activation block serves four rows:
@@ -112,7 +112,6 @@ static inline void store4(void *y, int y_bf16, int64_t row_off, int64_t n0, int6
 /* The integer dot product of 32 unsigned bytes with 32 signed bytes, as 8 int32 partial sums. */
 #define DOT_AVX2(w, x) _mm256_madd_epi16(_mm256_maddubs_epi16((w), (x)), _mm256_set1_epi16(1))
 #define DOT_AVXVNNI(w, x) _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), (w), (x))
-#define DOT_AVX512VNNI(w, x) _mm256_dpbusd_epi32(_mm256_setzero_si256(), (w), (x))
 
 /* One group of 4 weight rows against one quantized activation row. Two rows' 16-byte blocks are one 32-byte
  * load; their low nibbles (elements 0..15 of each row) meet the activation's first 16 bytes broadcast to both
@@ -228,6 +227,8 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl"))) static void q4_g
         const __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
         const __m256 f = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + b * 2 * R)));
         const __m128 fm = _mm256_extractf128_ps(f, 1);
+        /* d of each lane's row, permuted once for all rows (d_r * xd per lane: the same product as permuting after) */
+        const __m512 fd = _mm512_permutexvar_ps(sel, _mm512_castps256_ps512(f));
         for (int m = 0; m < MR; m++) {
             if (m >= rows) break;
             const int8_t *x = xq + m * K + b * QK;
@@ -235,8 +236,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl"))) static void q4_g
             const __m512i xhi = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(x + 16)));
             __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo);
             p = _mm512_dpbusd_epi32(p, hi, xhi);
-            const __m256 ds = _mm256_mul_ps(f, _mm256_set1_ps(xd[m * (K / QK) + b]));
-            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(sel, _mm512_castps256_ps512(ds)),
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(fd, _mm512_set1_ps(xd[m * (K / QK) + b])),
                                      acc[m]);
             accm[m] = _mm_fmadd_ps(fm, _mm_set1_ps(xs[m * (K / QK) + b]), accm[m]);
         }
@@ -252,7 +252,94 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl"))) static void q4_g
 
 Q8_GROUP(q8_group_avx2, DOT_AVX2, )
 Q8_GROUP(q8_group_avxvnni, DOT_AVXVNNI, __attribute__((target("avxvnni"))))
-Q8_GROUP(q8_group_avx512vnni, DOT_AVX512VNNI, __attribute__((target("avx512vnni,avx512vl"))))
+
+/* Q8 with AVX512-VNNI. AVX-512 has no vpsignb, so the weights are made unsigned instead (w + 128, an xor):
+ * dot(w, x) = dot(w + 128, x) - 128 sum(x), the second term from xs = xd sum(x). Each int32 lane's partial sum
+ * (4 bytes) is scaled per block and accumulated in float in its lane; the lanes are reduced once per group (not once
+ * per block as in Q8_GROUP). The one-row function works on ymm, the MR-row one on zmm (one weight load and xor for
+ * every row); both give each lane the same operations in the same order and reduce it with the same tree, so a row's
+ * result is bit-identical whatever M is (speculative verification and batched serving rest on that). */
+#define AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl")))
+
+/* rows 0..3 (8 lanes each) -> their totals (r0 r1 r2 r3): ((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7)) */
+AVX512VNNI static inline __m128 reduce4(__m256 r0, __m256 r1, __m256 r2, __m256 r3) {
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(r0, r1), _mm256_hadd_ps(r2, r3));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+AVX512VNNI static __m128 q8_group_avx512vnni(const int8_t *qs, const uint16_t *d, int64_t nb, const int8_t *xq,
+                                             const float *xd, const float *xs) {
+    const __m256i bias = _mm256_set1_epi8((char)0x80);
+    __m256 acc[R];
+    __m128 corr = _mm_setzero_ps();
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const int8_t *q = qs + b * R * QK;
+        _mm_prefetch((const char *)(q + PREFETCH), _MM_HINT_T0);
+        _mm_prefetch((const char *)(q + PREFETCH + 64), _MM_HINT_T0);
+        const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
+        const __m128 dw = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(d + b * R)));
+        const __m128 ds = _mm_mul_ps(dw, _mm_set1_ps(xd[b]));
+        const __m256 ds8 = _mm256_castps128_ps256(ds);
+        for (int r = 0; r < R; r++) {
+            const __m256i u = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(q + r * QK)), bias);
+            const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_permutevar8x32_ps(ds8, _mm256_set1_epi32(r)),
+                                     acc[r]);
+        }
+        corr = _mm_fmadd_ps(dw, _mm_set1_ps(-128.0f * xs[b]), corr);
+    }
+    return _mm_add_ps(reduce4(acc[0], acc[1], acc[2], acc[3]), corr);
+}
+
+AVX512VNNI static inline __attribute__((always_inline)) void q8_rows(
+    const int8_t *qs, const uint16_t *d, int64_t nb, const int rows, const int8_t *xq, const float *xd,
+    const float *xs, int64_t K, __m128 *out) {
+    const __m512i bias = _mm512_set1_epi8((char)0x80);
+    const __m512i sel01 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    const __m512i sel23 = _mm512_setr_epi32(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    __m512 acc01[MR], acc23[MR]; /* row 0 | row 1 (8 lanes each), row 2 | row 3 */
+    __m128 corr[MR];
+    for (int m = 0; m < MR; m++) acc01[m] = acc23[m] = _mm512_setzero_ps(), corr[m] = _mm_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const int8_t *q = qs + b * R * QK;
+        _mm_prefetch((const char *)(q + PREFETCH), _MM_HINT_T0);
+        _mm_prefetch((const char *)(q + PREFETCH + 64), _MM_HINT_T0);
+        const __m512i u01 = _mm512_xor_si512(_mm512_loadu_si512((const void *)q), bias);
+        const __m512i u23 = _mm512_xor_si512(_mm512_loadu_si512((const void *)(q + 64)), bias);
+        const __m128 dw = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(d + b * R)));
+        for (int m = 0; m < rows; m++) {
+            const int64_t xb = m * (K / QK) + b;
+            const __m512i x = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(xq + m * K + b * QK)));
+            const __m512 ds = _mm512_castps128_ps512(_mm_mul_ps(dw, _mm_set1_ps(xd[xb])));
+            const __m512i p01 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u01, x);
+            const __m512i p23 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u23, x);
+            acc01[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p01), _mm512_permutexvar_ps(sel01, ds), acc01[m]);
+            acc23[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p23), _mm512_permutexvar_ps(sel23, ds), acc23[m]);
+            corr[m] = _mm_fmadd_ps(dw, _mm_set1_ps(-128.0f * xs[xb]), corr[m]);
+        }
+    }
+    for (int m = 0; m < rows; m++) {
+        const __m256 r1 = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc01[m]), 1));
+        const __m256 r3 = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc23[m]), 1));
+        out[m] = _mm_add_ps(reduce4(_mm512_castps512_ps256(acc01[m]), r1, _mm512_castps512_ps256(acc23[m]), r3),
+                            corr[m]);
+    }
+}
+
+/* q8_rows with the row count a constant (the accumulators stay in registers) */
+AVX512VNNI static void q8_group_rows_avx512vnni(const int8_t *qs, const uint16_t *d, int64_t nb, int64_t rows,
+                                                const int8_t *xq, const float *xd, const float *xs, int64_t K,
+                                                __m128 *out) {
+    if (rows >= MR)
+        q8_rows(qs, d, nb, MR, xq, xd, xs, K, out);
+    else if (rows == 3)
+        q8_rows(qs, d, nb, 3, xq, xd, xs, K, out);
+    else if (rows == 2)
+        q8_rows(qs, d, nb, 2, xq, xd, xs, K, out);
+    else
+        q8_rows(qs, d, nb, 1, xq, xd, xs, K, out);
+}
 
 /* y (M, N) = x (M, K) @ W^T for W in the Q4 (bits 4) or Q8 (bits 8) layout above; K % 32 == 0, N_pad = N
  * rounded up to 4. x and y are fp32 or bf16. Returns 0, or -1 if out of memory. */
@@ -280,12 +367,15 @@ int edgellm_qmatmul(int bits, const void *x, int x_bf16, int64_t M, int64_t K, c
     if (threads < 1 || groups < 2 * threads) threads = 1; /* too little work to split */
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t g = 0; g < groups; g++) {
-        if (bits == 4 && isa == 2 && M > 1) { /* several rows: unpack each weight block once per MR rows */
-            const uint8_t *q = (const uint8_t *)qs + g * nb * R * 16;
-            const uint16_t *s = dm + g * nb * 2 * R;
+        if (isa == 2 && M > 1) { /* several rows: each weight block loaded (and unpacked) once per MR rows */
             for (int64_t m0 = 0; m0 < M; m0 += MR) {
                 __m128 acc[MR];
-                q4_group_rows_avx512vnni(q, s, nb, M - m0, xq + m0 * K, xd + m0 * nb, xs + m0 * nb, K, acc);
+                if (bits == 4)
+                    q4_group_rows_avx512vnni((const uint8_t *)qs + g * nb * R * 16, dm + g * nb * 2 * R, nb, M - m0,
+                                             xq + m0 * K, xd + m0 * nb, xs + m0 * nb, K, acc);
+                else
+                    q8_group_rows_avx512vnni((const int8_t *)qs + g * nb * R * QK, dm + g * nb * R, nb, M - m0,
+                                             xq + m0 * K, xd + m0 * nb, xs + m0 * nb, K, acc);
                 for (int64_t m = m0; m < M && m < m0 + MR; m++) store4(y, y_bf16, m * N, g * R, N, acc[m - m0]);
             }
             continue;
@@ -301,7 +391,7 @@ int edgellm_qmatmul(int bits, const void *x, int x_bf16, int64_t M, int64_t K, c
             } else {
                 const int8_t *q = (const int8_t *)qs + g * nb * R * QK;
                 const uint16_t *s = dm + g * nb * R;
-                acc = isa == 2   ? q8_group_avx512vnni(q, s, nb, xq + m * K, xd + m * nb)
+                acc = isa == 2   ? q8_group_avx512vnni(q, s, nb, xq + m * K, xd + m * nb, xs + m * nb)
                       : isa == 1 ? q8_group_avxvnni(q, s, nb, xq + m * K, xd + m * nb)
                                  : q8_group_avx2(q, s, nb, xq + m * K, xd + m * nb);
             }
