@@ -180,3 +180,28 @@ def test_batched_rows_equal_the_eager_batch_step_and_each_sequence_alone(arch, d
         g.manual_seed(4)
     assert torch.equal(results["native"], results["eager"])
     assert torch.equal(results["alone"], results["native"])
+
+
+@torch.inference_mode()
+def test_default_model_steps_equal_eager_and_greedy_text_is_unchanged(default_gguf) -> None:
+    """The shipped model with default settings: the generator's fast path is the C step, and its greedy tokens and
+    logits equal the eager model's bit for bit (so the demo's text is eager's text)."""
+    import edgellm
+
+    llm = edgellm.load(default_gguf, compile=True)
+    fast = llm.generator.compiled
+    assert fast.native is not None and not fast._fns
+    m = llm.model
+    ids = llm.tokenizer.encode_chat([{"role": "user", "content": "What does Xilinx do?"}])
+    runs = []
+    for decode in (m.decode_step, fast.step):
+        m.setup_cache(1, 256)
+        logits = m(torch.tensor([ids]), 0, use_cache=True, last_only=True)[0, -1].float()
+        out = []
+        for i in range(24):
+            out.append(logits)
+            logits = decode(torch.tensor([[int(logits.argmax())]]), torch.tensor([len(ids) + i]))[0]
+        runs.append(torch.stack(out))
+    assert torch.equal(runs[0], runs[1])
+    assert llm.generate("What does Xilinx do?", max_new_tokens=24) == edgellm.load(default_gguf).generate(
+        "What does Xilinx do?", max_new_tokens=24)

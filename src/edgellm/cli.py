@@ -8,6 +8,7 @@ import importlib
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -204,12 +205,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .kernels import cpu
     from .report import markdown_table
 
+    t0 = time.perf_counter()
     llm = load_from_args(args)
     if llm.generator.compiled is not None:  # compile (or load the cached kernels) before timing anything
-        llm.generate("Hi", max_new_tokens=2, ignore_eos=True)
+        llm.generate("Hi there, how are you?", max_new_tokens=2, ignore_eos=True)  # a prefill too
         g = llm.generator
         if g.compiled.native is not None:
-            print(f"Decode step: one C call per token, nothing to compile (C kernels ready in {g.compile_s:.1f} s)")
+            print(f"Decode step: one C call per token, nothing to compile (loaded, C kernels ready, in "
+                  f"{time.perf_counter() - t0:.1f} s)")
         else:
             print(g.note or f"Compiled decode step ready in {g.compile_s:.1f} s (cached on disk for later runs)")
     print(f"Model: {llm.loaded.path} ({llm.config.arch}, {llm.dtype}, {args.max_new_tokens} new tokens, greedy)")
