@@ -203,5 +203,17 @@ def test_default_model_steps_equal_eager_and_greedy_text_is_unchanged(default_gg
             logits = decode(torch.tensor([[int(logits.argmax())]]), torch.tensor([len(ids) + i]))[0]
         runs.append(torch.stack(out))
     assert torch.equal(runs[0], runs[1])
-    assert llm.generate("What does Xilinx do?", max_new_tokens=24) == edgellm.load(default_gguf).generate(
-        "What does Xilinx do?", max_new_tokens=24)
+    eager = edgellm.load(default_gguf, compile=False)
+    assert eager.generator.compiled is None
+    assert llm.generate("What does Xilinx do?", max_new_tokens=24) == eager.generate("What does Xilinx do?",
+                                                                                     max_new_tokens=24)
+    # the API's default (compile=None) takes the C step where nothing needs compiling
+    assert edgellm.load(default_gguf).generator.compiled.native is not None
+
+
+def test_api_default_compiles_nothing(tiny_checkpoints) -> None:
+    """compile=None (edgellm.load's default): a float model decodes eagerly, nothing traced or compiled."""
+    import edgellm
+
+    assert edgellm.load(tiny_checkpoints["llama"], dtype="fp32").generator.compiled is None
+    assert edgellm.load(tiny_checkpoints["llama"], dtype="fp32", compile=True).generator.compiled is not None

@@ -23,7 +23,8 @@ Messages = list[dict[str, Any]]
 class LLM:
     """A loaded model with its tokenizer. Create with `edgellm.load()`."""
 
-    def __init__(self, loaded: LoadedModel, compile: bool = False, speculator: Speculator | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, compile: bool | None = None, speculator: Speculator | None = None
+                 ) -> None:
         self.loaded = loaded
         self.model: Transformer = loaded.model
         self.tokenizer: Tokenizer = loaded.tokenizer
@@ -107,13 +108,15 @@ class LLM:
 
 
 def load(model: str | Path | None = None, dtype: str | torch.dtype = "auto", rope_type: str | None = None,
-         compile: bool = False, keep_quantized: bool | None = None, speculative: str | None = None,
+         compile: bool | None = None, keep_quantized: bool | None = None, speculative: str | None = None,
          draft_model: str | Path | None = None, draft_k: int | None = None,
          adapter: str | Path | None = None) -> LLM:
     """Load a model: None (bundled SmolLM2-135M-Instruct), a .gguf file, an HF folder or a hub id.
 
-    compile=True runs decoding through a torch.compile'd step (the CLI's default; first use compiles,
-    later processes reuse the on-disk cache, and it falls back to eager when no C++ compiler exists).
+    compile: None (the default) decodes through the C step where the model allows it (block-quantized weights,
+    e.g. a GGUF with dtype "auto": nothing to compile, same logits as eager) and eagerly otherwise; True also
+    compiles a torch.compile'd step for other models (the CLI's default; first use compiles, later processes
+    reuse the on-disk cache; eager without a C++ compiler); False is always eager.
 
     speculative: "lookup" (prompt n-gram lookup), "self" (the checkpoint's 4-bit weights draft for this
     higher-precision model: dtype "auto" then means an fp32 target, a GGUF's blocks dequantized), or "draft"

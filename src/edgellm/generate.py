@@ -12,6 +12,7 @@ import torch
 
 from .errors import ContextLengthError, InvalidArgumentError
 from .model import Transformer
+from .native_step import fast_without_compiling
 from .tokenizer import Tokenizer
 
 
@@ -133,8 +134,10 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Genera
 class Generator:
     """Runs one prompt at a time through prefill and token-by-token decode."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_context: int, compile: bool = False,
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_context: int, compile: bool | None = False,
                  speculator: Any = None) -> None:
+        """compile: True, the fast decode step (in C, or torch.compile'd where C cannot run the model); None, the
+        fast step only where it needs no compiling (native_step.py), else eager; False, eager."""
         self.model = model
         self.tokenizer = tokenizer
         self.max_context = max_context
@@ -142,6 +145,8 @@ class Generator:
         self.speculator = speculator  # a speculative.Speculator, or None for one token per forward
         self.compiled = None
         self.verifier = None  # speculation's target steps: compiled with eager's exact bf16 rounding
+        if compile is None:
+            compile = fast_without_compiling(model)
         if compile:
             from .fast import CompiledDecoder
 

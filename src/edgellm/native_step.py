@@ -84,6 +84,11 @@ def unsupported(model: Transformer) -> str | None:
     return None
 
 
+def fast_without_compiling(model: Transformer) -> bool:
+    """True where the fast decode path needs no compiling (the steps run in C): `compile=None` takes it then."""
+    return unsupported(model) is None
+
+
 class NativeStep:
     """`step(tokens (B, 1), pos (1,)) -> logits (B, V)` and `verify(tokens (B, T), pos (T,)) -> (B, T, V)`, fp32,
     over the model's current KV caches (set up by `Transformer.setup_cache`)."""

@@ -37,6 +37,7 @@ import torch
 
 from .errors import InvalidArgumentError
 from .generate import GenerationStats, SamplingParams, apply_repetition_penalty, filter_logits
+from .native_step import fast_without_compiling
 
 if TYPE_CHECKING:
     from .generate import Generator
@@ -103,11 +104,11 @@ class ModelDrafter:
     `fed` counts the context tokens whose keys/values are in the draft cache; `logits` are the draft's
     next-token logits after them."""
 
-    def __init__(self, name: str, model: Transformer, compiled: bool) -> None:
+    def __init__(self, name: str, model: Transformer, compiled: bool | None) -> None:
         self.name = name
         self.model = model
         self.compiled = None
-        if compiled:
+        if compiled or compiled is None and fast_without_compiling(model):
             from .fast import CompiledDecoder
 
             self.compiled = CompiledDecoder(model)
@@ -337,7 +338,7 @@ def separate_draft(target: LoadedModel, draft_model: str | Path, dtype: str | to
 
 
 def build_speculator(method: str, target: LoadedModel, *, k: int | None = None, draft_model: str | Path | None = None,
-                     draft_dtype: str | torch.dtype = "auto", compile: bool = False) -> Speculator:
+                     draft_dtype: str | torch.dtype = "auto", compile: bool | None = None) -> Speculator:
     """The Speculator for `method` ("lookup" | "self" | "draft") over the loaded target."""
     check_k(k)
     if method not in METHODS:

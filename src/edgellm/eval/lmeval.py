@@ -87,11 +87,13 @@ class EdgeLLM(TemplateLM):
 
     Model args (`--model-args` / `model_args`): pretrained (GGUF file, HF folder or hub id; default: the bundled
     SmolLM2-135M-Instruct), dtype (auto | fp32 | bf16 | fp16), quant (re-quantize, e.g. rtn:w4:g32),
-    rope_type, compile (compiled decode step for generation), batch_tokens, threads, max_length, max_gen_toks,
+    rope_type, compile (generation's decode step: None = in C where nothing needs compiling, True = also
+    torch.compile, False = eager), batch_tokens, threads, max_length, max_gen_toks,
     add_bos_token, prefix_token_id, progress. `llm=` takes an already loaded `edgellm.LLM` instead."""
 
     def __init__(self, pretrained: str | None = None, dtype: str = "auto", quant: str | None = None,
-                 rope_type: str | None = None, compile: bool = False, batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                 rope_type: str | None = None, compile: bool | None = None,
+                 batch_tokens: int = DEFAULT_BATCH_TOKENS,
                  threads: int | None = None, max_length: int | None = None,
                  max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, add_bos_token: bool | None = None,
                  prefix_token_id: int | None = None, progress: bool = True, llm: Any = None,
