@@ -31,7 +31,8 @@ demo: $(STAMP)
 # The suite, then the kernel, parity and generation tests again on the AVX2 path (what most laptops run),
 # forced on any x86-64 CPU: our kernels' AVX2 variants, fp32 activations, torch's AVX2 kernels.
 AVX2_TESTS := tests/kernels tests/loading/test_gguf.py tests/test_model_parity.py tests/test_generate.py \
-              tests/test_default_model.py tests/test_speculative.py tests/serve/test_engine.py
+              tests/test_default_model.py tests/test_speculative.py tests/serve/test_engine.py \
+              tests/test_native_step.py
 test: $(TSTAMP)
 	$(PYTHON) -m ruff check src tests
 	$(PYTHON) -m pytest -q
