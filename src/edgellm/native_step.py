@@ -10,7 +10,7 @@ logits equal eager `Transformer.decode_step` / `verify_step` bit for bit, a T-to
 
 Python does the embedding lookup before the call and the lm_head after it (any lm_head type). `NativeStep.create`
 returns None (with the reason) where a layer is not block-quantized (float, RTN/AWQ int4, LoRA-wrapped), the dtype is
-not fp32/bf16, or a kernel is missing; callers then compile. `EDGELLM_NATIVE_STEP=0` turns it off.
+not fp32/bf16, or a kernel is missing; callers then compile or decode eagerly. `EDGELLM_NATIVE_STEP=0` turns it off.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ LIN_FIELDS = 4  # bits, qs, dm, bias (decode_step.c's LIN_* enum)
 
 @functools.cache
 def _library() -> tuple | None:
-    """(decode_step, qmatmul, rmsnorm, silu_mul, cache_attention) as ctypes functions / addresses, or None."""
+    """(decode_step.c's entry point, its layer-table width, its dims count, the addresses of the qmatmul, rmsnorm,
+    silu_mul and cache-attention kernels it calls), or None where one of them is not built."""
     fns = blockq._c_kernels()
     attention = cache_attention._c_function() if cache_attention.available() else None
     if fns is None or attention is None or native.pointwise() is None:
@@ -156,7 +157,7 @@ class NativeStep:
         if m.rope_cos is None or m.rope_cos.shape[0] <= int(pos.max()):
             m.init_rope(max(int(pos.max()) + 1, cfg.max_seq_len))
         x = m.embed_tokens(tokens).to(m.dtype).contiguous()              # (B, T, C)
-        pos = pos.contiguous()
+        pos = pos.to(torch.long).contiguous()                             # read as int64 by the C code
         cos = m.rope_cos.index_select(0, pos).to(m.dtype)                # (T, D), or (B, D) by rows
         sin = m.rope_sin.index_select(0, pos).to(m.dtype)
         hidden = torch.empty_like(x)

@@ -133,9 +133,10 @@ int edgellm_decode_step(const int64_t *dims, const int64_t *layers, const void *
     if (rows && (T != 1 || !rows_attention)) return 3;
     /* scratch: h (M, C) | qkv (M, QKV) | q (M, H D) | att (M, H D) | gu (M, 2 I) | act (M, I) | out (M, C) */
     const int64_t n_h = M * C, n_qkv = M * QKV, n_q = M * H * D, n_gu = M * 2 * I, n_act = M * I;
-    char *buf = malloc(es * (size_t)(n_h + n_qkv + 2 * n_q + n_gu + n_act + n_h) + (rows ? 16 * (size_t)B : 0));
+    const size_t act_bytes = (es * (size_t)(n_h + n_qkv + 2 * n_q + n_gu + n_act + n_h) + 7) / 8 * 8;
+    char *buf = malloc(act_bytes + (rows ? 8 * (size_t)B : 0));
     if (!buf) return -1;
-    int64_t *lo = (int64_t *)(buf + es * (size_t)(n_h + n_qkv + 2 * n_q + n_gu + n_act + n_h)); /* rows: keys lo.. */
+    int64_t *lo = (int64_t *)(buf + act_bytes); /* rows: the first key each sequence sees */
     for (int64_t b = 0; rows && b < B; b++) lo[b] = window > 0 && pos[b] + 1 - window > 0 ? pos[b] + 1 - window : 0;
     char *h = buf, *qkv = h + es * n_h, *q = qkv + es * n_qkv, *att = q + es * n_q, *gu = att + es * n_q;
     char *act = gu + es * n_gu, *out = act + es * n_act;
