@@ -177,6 +177,89 @@ static inline void store4(void *y, int y_bf16, int64_t row_off, int64_t n0, int6
 Q4_GROUP(q4_group_avx2, DOT2_AVX2, )
 Q4_GROUP(q4_group_avxvnni, DOT2_AVXVNNI, __attribute__((target("avxvnni"))))
 
+/* Q4_GROUP(DOT2_AVX2) and Q8_GROUP(DOT_AVX2) for MR2 activation rows at a time (speculative verification, batched
+ * decode on AVX2 CPUs): the block's weights are loaded and unpacked (nibbles; |w|) once for all rows. Each row's
+ * lanes see exactly the operations of the one-row function, in the same order, so its result is bit-identical to
+ * it. Two rows, not four: AVX2 has 16 vector registers. */
+#define MR2 2
+static inline __attribute__((always_inline)) void q4_rows_avx2(const uint8_t *qs, const uint16_t *dm, int64_t nb,
+                                                               const int rows, const int8_t *xq, const float *xd,
+                                                               const float *xs, int64_t K, __m128 *out) {
+    const __m256i nib = _mm256_set1_epi8(0x0F);
+    const __m256i sel01 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    const __m256i sel23 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
+    __m256 acc01[MR2], acc23[MR2];
+    __m128 accm[MR2];
+    for (int m = 0; m < MR2; m++) acc01[m] = acc23[m] = _mm256_setzero_ps(), accm[m] = _mm_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *q = qs + b * R * 16;
+        _mm_prefetch((const char *)(q + PREFETCH), _MM_HINT_T0);
+        _mm_prefetch((const char *)(dm + b * 2 * R) + PREFETCH / 4, _MM_HINT_T0);
+        const __m256i v01 = _mm256_loadu_si256((const __m256i *)q), v23 = _mm256_loadu_si256((const __m256i *)(q + 32));
+        const __m256i lo01 = _mm256_and_si256(v01, nib), hi01 = _mm256_and_si256(_mm256_srli_epi16(v01, 4), nib);
+        const __m256i lo23 = _mm256_and_si256(v23, nib), hi23 = _mm256_and_si256(_mm256_srli_epi16(v23, 4), nib);
+        const __m256 f = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + b * 2 * R))); /* d0..3 m0..3 */
+        for (int m = 0; m < rows; m++) {
+            const int8_t *x = xq + m * K + b * QK;
+            const __m256i xlo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)x));
+            const __m256i xhi = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(x + 16)));
+            const __m256i p01 = DOT2_AVX2(lo01, xlo, hi01, xhi), p23 = DOT2_AVX2(lo23, xlo, hi23, xhi);
+            const __m256 ds = _mm256_mul_ps(f, _mm256_set1_ps(xd[m * (K / QK) + b]));
+            acc01[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p01), _mm256_permutevar8x32_ps(ds, sel01), acc01[m]);
+            acc23[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p23), _mm256_permutevar8x32_ps(ds, sel23), acc23[m]);
+            accm[m] = _mm_fmadd_ps(_mm256_extractf128_ps(f, 1), _mm_set1_ps(xs[m * (K / QK) + b]), accm[m]);
+        }
+    }
+    for (int m = 0; m < rows; m++) { /* Q4_GROUP's reduction */
+        __m256 h = _mm256_hadd_ps(acc01[m], acc23[m]);
+        h = _mm256_hadd_ps(h, h);
+        const __m128 lo = _mm256_castps256_ps128(h), hi = _mm256_extractf128_ps(h, 1);
+        out[m] = _mm_add_ps(_mm_unpacklo_ps(lo, hi), accm[m]);
+    }
+}
+
+static inline __attribute__((always_inline)) void q8_rows_avx2(const int8_t *qs, const uint16_t *d, int64_t nb,
+                                                               const int rows, const int8_t *xq, const float *xd,
+                                                               int64_t K, __m128 *out) {
+    __m128 acc[MR2];
+    for (int m = 0; m < MR2; m++) acc[m] = _mm_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const int8_t *q = qs + b * R * QK;
+        _mm_prefetch((const char *)(q + PREFETCH), _MM_HINT_T0);
+        _mm_prefetch((const char *)(q + PREFETCH + 64), _MM_HINT_T0);
+        __m256i w[R], aw[R];
+        for (int r = 0; r < R; r++) {
+            w[r] = _mm256_loadu_si256((const __m256i *)(q + r * QK));
+            aw[r] = _mm256_sign_epi8(w[r], w[r]);
+        }
+        const __m128 f = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(d + b * R)));
+        for (int m = 0; m < rows; m++) {
+            const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + m * K + b * QK));
+            const __m128 sm = sum4(DOT_AVX2(aw[0], _mm256_sign_epi8(x, w[0])), DOT_AVX2(aw[1], _mm256_sign_epi8(x, w[1])),
+                                   DOT_AVX2(aw[2], _mm256_sign_epi8(x, w[2])), DOT_AVX2(aw[3], _mm256_sign_epi8(x, w[3])));
+            acc[m] = _mm_fmadd_ps(sm, _mm_mul_ps(f, _mm_set1_ps(xd[m * (K / QK) + b])), acc[m]);
+        }
+    }
+    for (int m = 0; m < rows; m++) out[m] = acc[m];
+}
+
+/* the AVX2 rows functions with the row count a constant (accumulators in registers) */
+static void q4_group_rows_avx2(const uint8_t *qs, const uint16_t *dm, int64_t nb, int64_t rows, const int8_t *xq,
+                               const float *xd, const float *xs, int64_t K, __m128 *out) {
+    if (rows >= MR2)
+        q4_rows_avx2(qs, dm, nb, MR2, xq, xd, xs, K, out);
+    else
+        q4_rows_avx2(qs, dm, nb, 1, xq, xd, xs, K, out);
+}
+
+static void q8_group_rows_avx2(const int8_t *qs, const uint16_t *d, int64_t nb, int64_t rows, const int8_t *xq,
+                               const float *xd, int64_t K, __m128 *out) {
+    if (rows >= MR2)
+        q8_rows_avx2(qs, d, nb, MR2, xq, xd, K, out);
+    else
+        q8_rows_avx2(qs, d, nb, 1, xq, xd, K, out);
+}
+
 /* AVX512-VNNI on zmm: a block's four 16-byte rows are one 64-byte load, and each 128-bit lane meets the
  * activation's 16 bytes broadcast to all four lanes, so one vpdpbusd pair does what two pairs do on ymm. Each
  * int32 lane holds the same partial sum as in Q4_GROUP and is scaled and accumulated in the same order, so the
@@ -377,6 +460,19 @@ int edgellm_qmatmul(int bits, const void *x, int x_bf16, int64_t M, int64_t K, c
                     q8_group_rows_avx512vnni((const int8_t *)qs + g * nb * R * QK, dm + g * nb * R, nb, M - m0,
                                              xq + m0 * K, xd + m0 * nb, xs + m0 * nb, K, acc);
                 for (int64_t m = m0; m < M && m < m0 + MR; m++) store4(y, y_bf16, m * N, g * R, N, acc[m - m0]);
+            }
+            continue;
+        }
+        if (isa == 0 && M > 1) { /* AVX2: MR2 rows at a time, bit-identical to one at a time */
+            for (int64_t m0 = 0; m0 < M; m0 += MR2) {
+                __m128 acc[MR2];
+                if (bits == 4)
+                    q4_group_rows_avx2((const uint8_t *)qs + g * nb * R * 16, dm + g * nb * 2 * R, nb, M - m0,
+                                       xq + m0 * K, xd + m0 * nb, xs + m0 * nb, K, acc);
+                else
+                    q8_group_rows_avx2((const int8_t *)qs + g * nb * R * QK, dm + g * nb * R, nb, M - m0,
+                                       xq + m0 * K, xd + m0 * nb, K, acc);
+                for (int64_t m = m0; m < M && m < m0 + MR2; m++) store4(y, y_bf16, m * N, g * R, N, acc[m - m0]);
             }
             continue;
         }
