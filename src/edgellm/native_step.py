@@ -25,8 +25,6 @@ from .kernels import blockq, cache_attention, native
 from .kernels.blocklinear import BlockQLinear
 from .model import RMSNorm, Transformer
 
-LIN_FIELDS = 4  # bits, qs, dm, bias (decode_step.c's LIN_* enum)
-
 
 @functools.cache
 def _library() -> tuple | None:
@@ -105,8 +103,10 @@ class NativeStep:
     @classmethod
     def create(cls, model: Transformer) -> tuple[NativeStep | None, str]:
         """(the step, "") or (None, why not)."""
-        reason = unsupported(model)
-        return (None, reason) if reason is not None else (cls(model), "")
+        try:
+            return cls(model), ""
+        except ValueError as e:
+            return None, str(e)
 
     def _layer_table(self) -> torch.Tensor:
         """Every layer's weights and cache as addresses (decode_step.c's layer fields), one table per set of caches
@@ -154,8 +154,6 @@ class NativeStep:
                     or any(not 0 <= r < cache.k.shape[0] for r in rows)):
                 return None
         cfg = m.config
-        if m.rope_cos is None or m.rope_cos.shape[0] <= int(pos.max()):
-            m.init_rope(max(int(pos.max()) + 1, cfg.max_seq_len))
         x = m.embed_tokens(tokens).to(m.dtype).contiguous()              # (B, T, C)
         pos = pos.to(torch.long).contiguous()                             # read as int64 by the C code
         cos = m.rope_cos.index_select(0, pos).to(m.dtype)                # (T, D), or (B, D) by rows
@@ -189,6 +187,9 @@ class NativeStep:
     def batch_step(self, tokens: torch.Tensor, rows: list[int], pos: list[int]) -> torch.Tensor:
         """Continuous batching (`Transformer.batch_decode_step`'s contract): tokens (B, 1), sequence b in cache row
         rows[b] of the layers' pooled caches at position pos[b] -> next-token logits (B, V), fp32."""
+        m = self.model
+        if m.rope_cos is None or m.rope_cos.shape[0] <= max(pos):  # as batch_decode_step (setup_cache covers steps)
+            m.init_rope(max(max(pos) + 1, m.config.max_seq_len))
         hidden = self._hidden(tokens, torch.tensor(pos), rows)
         if hidden is None:
             return self.model.batch_decode_step(tokens, rows, pos)

@@ -11,6 +11,7 @@ equal decode steps bit for bit, which speculative decoding's greedy identity res
 
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import torch
@@ -47,8 +48,6 @@ def _c_function():  # noqa: ANN202 - a ctypes function
     if fn is None:
         native.reasons["cache_attention"] = "the decode_attention library has no edgellm_cache_attention"
         return None
-    import ctypes
-
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_int]
     return fn
@@ -56,10 +55,9 @@ def _c_function():  # noqa: ANN202 - a ctypes function
 
 def _cache_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_pos: torch.Tensor,
                          pos: torch.Tensor, window: int, scale: float) -> torch.Tensor:
-    """The operator's CPU implementation where the C++ wrapper could not be built: the C kernel through ctypes."""
+    """The operator's CPU implementation where the C++ wrapper could not be built: the C kernel through ctypes
+    (registered only where `_c_function()` exists)."""
     fn = _c_function()
-    if fn is None:
-        return reference(q, k, v, slot_pos, pos, window, scale)
     B, T, H, D = q.shape
     out = torch.empty_like(q)
     rc = fn(int(q.dtype == torch.bfloat16), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),

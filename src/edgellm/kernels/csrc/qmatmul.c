@@ -253,7 +253,8 @@ static void q4_group_rows_avx2(const uint8_t *qs, const uint16_t *dm, int64_t nb
 }
 
 static void q8_group_rows_avx2(const int8_t *qs, const uint16_t *d, int64_t nb, int64_t rows, const int8_t *xq,
-                               const float *xd, int64_t K, __m128 *out) {
+                               const float *xd, const float *xs, int64_t K, __m128 *out) {
+    (void)xs; /* Q8 has no m term; the signature matches the other row functions */
     if (rows >= MR2)
         q8_rows_avx2(qs, d, nb, MR2, xq, xd, K, out);
     else
@@ -424,6 +425,20 @@ AVX512VNNI static void q8_group_rows_avx512vnni(const int8_t *qs, const uint16_t
         q8_rows(qs, d, nb, 1, xq, xd, xs, K, out);
 }
 
+/* Weight group g (4 rows) against up to MR (AVX512-VNNI) or MR2 (AVX2) activation rows: the rows functions above. */
+static void group_rows(int isa, int bits, const void *qs, const uint16_t *dm, int64_t g, int64_t nb, int64_t rows,
+                       const int8_t *xq, const float *xd, const float *xs, int64_t K, __m128 *acc) {
+    if (bits == 4) {
+        const uint8_t *q = (const uint8_t *)qs + g * nb * R * 16;
+        const uint16_t *s = dm + g * nb * 2 * R;
+        (isa == 2 ? q4_group_rows_avx512vnni : q4_group_rows_avx2)(q, s, nb, rows, xq, xd, xs, K, acc);
+    } else {
+        const int8_t *q = (const int8_t *)qs + g * nb * R * QK;
+        const uint16_t *s = dm + g * nb * R;
+        (isa == 2 ? q8_group_rows_avx512vnni : q8_group_rows_avx2)(q, s, nb, rows, xq, xd, xs, K, acc);
+    }
+}
+
 /* y (M, N) = x (M, K) @ W^T for W in the Q4 (bits 4) or Q8 (bits 8) layout above; K % 32 == 0, N_pad = N
  * rounded up to 4. x and y are fp32 or bf16. Returns 0, or -1 if out of memory. */
 int edgellm_qmatmul(int bits, const void *x, int x_bf16, int64_t M, int64_t K, const void *qs, const uint16_t *dm,
@@ -450,29 +465,12 @@ int edgellm_qmatmul(int bits, const void *x, int x_bf16, int64_t M, int64_t K, c
     if (threads < 1 || groups < 2 * threads) threads = 1; /* too little work to split */
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t g = 0; g < groups; g++) {
-        if (isa == 2 && M > 1) { /* several rows: each weight block loaded (and unpacked) once per MR rows */
-            for (int64_t m0 = 0; m0 < M; m0 += MR) {
+        if (M > 1 && (isa == 2 || isa == 0)) { /* several rows: each weight block loaded (and unpacked) once */
+            const int64_t step = isa == 2 ? MR : MR2;
+            for (int64_t m0 = 0; m0 < M; m0 += step) {
                 __m128 acc[MR];
-                if (bits == 4)
-                    q4_group_rows_avx512vnni((const uint8_t *)qs + g * nb * R * 16, dm + g * nb * 2 * R, nb, M - m0,
-                                             xq + m0 * K, xd + m0 * nb, xs + m0 * nb, K, acc);
-                else
-                    q8_group_rows_avx512vnni((const int8_t *)qs + g * nb * R * QK, dm + g * nb * R, nb, M - m0,
-                                             xq + m0 * K, xd + m0 * nb, xs + m0 * nb, K, acc);
-                for (int64_t m = m0; m < M && m < m0 + MR; m++) store4(y, y_bf16, m * N, g * R, N, acc[m - m0]);
-            }
-            continue;
-        }
-        if (isa == 0 && M > 1) { /* AVX2: MR2 rows at a time, bit-identical to one at a time */
-            for (int64_t m0 = 0; m0 < M; m0 += MR2) {
-                __m128 acc[MR2];
-                if (bits == 4)
-                    q4_group_rows_avx2((const uint8_t *)qs + g * nb * R * 16, dm + g * nb * 2 * R, nb, M - m0,
-                                       xq + m0 * K, xd + m0 * nb, xs + m0 * nb, K, acc);
-                else
-                    q8_group_rows_avx2((const int8_t *)qs + g * nb * R * QK, dm + g * nb * R, nb, M - m0,
-                                       xq + m0 * K, xd + m0 * nb, K, acc);
-                for (int64_t m = m0; m < M && m < m0 + MR2; m++) store4(y, y_bf16, m * N, g * R, N, acc[m - m0]);
+                group_rows(isa, bits, qs, dm, g, nb, M - m0, xq + m0 * K, xd + m0 * nb, xs + m0 * nb, K, acc);
+                for (int64_t m = m0; m < M && m < m0 + step; m++) store4(y, y_bf16, m * N, g * R, N, acc[m - m0]);
             }
             continue;
         }
