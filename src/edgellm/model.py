@@ -199,9 +199,15 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
         qkv = self.qkv_proj(x)                                          # (B, T, (H + 2 Hkv) D)
-        # q and k are adjacent in the fused projection: rotate both heads' sets in one pass.
-        qk = qkv[..., :self.cfg.q_size + self.cfg.kv_size].view(B, T, H + Hkv, D)
-        qk = apply_rope(qk, cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None])  # (B, T, H + Hkv, D)
+        # q and k are adjacent in the fused projection: rotate both heads' sets in one pass (in place in C, the
+        # same bits as apply_rope, where no gradient needs the unrotated values).
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        kernels = native.pointwise() if _eager_inference(qkv) else None
+        if kernels is not None and kernels.rope_(qkv, H + Hkv, D, cos, sin):
+            qk = qkv[..., :self.cfg.q_size + self.cfg.kv_size].view(B, T, H + Hkv, D)
+        else:
+            qk = qkv[..., :self.cfg.q_size + self.cfg.kv_size].view(B, T, H + Hkv, D)
+            qk = apply_rope(qk, cos[:, None], sin[:, None])              # (B, T, H + Hkv, D)
         q = qk[:, :, :H].transpose(1, 2)                                # (B, H, T, D)
         k = qk[:, :, H:].transpose(1, 2)                                # (B, Hkv, T, D)
         v = qkv[..., self.cfg.q_size + self.cfg.kv_size:].view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)

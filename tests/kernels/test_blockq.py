@@ -98,11 +98,17 @@ def test_thread_count_does_not_change_results(kernels):
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_c_dequantization_is_exact(kernels, bits, dtype):
+def test_c_dequantization_is_exact(isa, bits, dtype, monkeypatch):
+    """Every variant (isa 2 dequantizes on zmm, the others on ymm) gives the exact weights, rounded once."""
+    monkeypatch.setattr(blockq.cpu, "int8_dot_isa", lambda: isa)
     w = random_weight(bits, 70, 128)
+    w.dm[0, 0].fill_(7.5)  # d * q + m lands between bf16 values: the rounding step is exercised
     for n0, n1 in ((0, 70), (4, 9), (64, 70)):
         assert torch.equal(blockq.dequantize_rows(bits, w.qs, w.dm, 128, n0, n1, dtype),
                            blockq.dequantize_rows_torch(bits, w.qs, w.dm, n0, n1, dtype))
+    big = random_weight(bits, 256, 576)  # enough elements for the threaded pass
+    assert torch.equal(blockq.dequantize_rows(bits, big.qs, big.dm, 576, 0, 256, dtype),
+                       blockq.dequantize_rows_torch(bits, big.qs, big.dm, 0, 256, dtype))
 
 
 def test_q4_layout_is_ggml_order():

@@ -296,6 +296,27 @@ def test_pointwise_kernels_match_the_eager_formulas(pointwise, dtype):
     assert torch.equal(pointwise.silu_mul(gu[2, 7:8].contiguous())[0], act[2, 7])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_kernel_equals_apply_rope_bit_for_bit(pointwise, dtype):
+    from edgellm.model import apply_rope
+
+    g = torch.Generator().manual_seed(12)
+    B, T, H, Hkv, D = 2, 19, 6, 2, 64
+    qkv = (torch.randn(B, T, (H + 2 * Hkv) * D, generator=g) * 3).to(dtype)
+    cos, sin = (torch.randn(T, D, generator=g).to(dtype) for _ in range(2))
+    want = apply_rope(qkv[..., :(H + Hkv) * D].view(B, T, H + Hkv, D), cos[:, None], sin[:, None])
+    got = qkv.clone()
+    assert pointwise.rope_(got, H + Hkv, D, cos, sin)
+    assert torch.equal(got[..., :(H + Hkv) * D].view(B, T, H + Hkv, D), want)
+    assert torch.equal(got[..., (H + Hkv) * D:], qkv[..., (H + Hkv) * D:])  # v untouched
+    # declined: a layout it cannot address, tables of another dtype or length (nothing is written)
+    before = qkv.clone()
+    assert not pointwise.rope_(qkv[:, ::2], H + Hkv, D, cos[::2].contiguous(), sin[::2].contiguous())
+    assert not pointwise.rope_(qkv, H + Hkv, D, cos.double(), sin.double())
+    assert not pointwise.rope_(qkv, H + Hkv, D, cos[1:], sin[1:])
+    assert torch.equal(qkv, before)
+
+
 def test_pointwise_kernels_decline_what_they_cannot_do(pointwise):
     x = torch.randn(4, 64)
     assert pointwise.rmsnorm(x, torch.ones(64, dtype=torch.bfloat16), 1e-5) is None  # weight of another dtype
@@ -309,7 +330,8 @@ def test_model_uses_the_pointwise_kernels_only_outside_autograd_and_compile(poin
 
     calls = []
     spy = native.Pointwise(lambda *a: calls.append("norm") or pointwise.rmsnorm(*a),
-                           lambda *a: calls.append("act") or pointwise.silu_mul(*a))
+                           lambda *a: calls.append("act") or pointwise.silu_mul(*a),
+                           lambda *a: calls.append("rope") or pointwise.rope_(*a))
     monkeypatch.setattr(native, "pointwise", lambda: spy)
     cfg = type("Cfg", (), {"hidden_size": 64, "intermediate_size": 96})()
     norm, mlp = RMSNorm(64, 1e-6), MLP(cfg)
@@ -326,3 +348,32 @@ def test_model_uses_the_pointwise_kernels_only_outside_autograd_and_compile(poin
         traced = mlp(norm(x))
     assert calls == []
     torch.testing.assert_close(fast, traced, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_rotates_in_c_with_the_same_bits(pointwise, monkeypatch, dtype):
+    """Attention.forward hands RoPE to the kernel (in place on the fused projection) outside autograd, and the
+    logits are those of the torch formula, bit for bit."""
+    from edgellm.config import ModelConfig
+    from edgellm.model import Transformer
+
+    cfg = ModelConfig(arch="llama", vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=16, max_seq_len=64)
+    torch.manual_seed(3)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.1 * torch.randn_like(p))
+    model.init_rope()
+    model = model.to(dtype).eval()
+    ids = torch.randint(0, 96, (2, 21))
+    calls = []
+    spy = pointwise._replace(rope_=lambda *a: calls.append("rope") or pointwise.rope_(*a))
+    monkeypatch.setattr(native, "pointwise", lambda: spy)
+    with torch.no_grad():
+        fast = model(ids)
+    assert calls.count("rope") == cfg.num_layers
+    monkeypatch.setattr(native, "pointwise", lambda: pointwise._replace(rope_=lambda *a: False))
+    with torch.no_grad():
+        slow = model(ids)                             # the kernel declines: torch's apply_rope
+    assert torch.equal(fast, slow)

@@ -93,7 +93,7 @@ def _c_kernels() -> tuple | None:
                    ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     dq.restype = None
     dq.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                   ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+                   ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     pair = (mm, dq)
     return pair if native._verified(name, pair, _self_check) is not None else None
 
@@ -110,11 +110,13 @@ def _self_check(pair: tuple) -> bool:
     x = torch.randn(3, k, generator=g)
     for bits, qs, dm in ((4, qs4, dm4), (8, qs8, d8)):
         w = dequantize_rows_torch(bits, qs, dm, 0, n, torch.float32)
-        got = torch.empty(n, k)
-        dq(bits, qs.data_ptr(), dm.data_ptr(), k, 0, n, got.data_ptr(), 0, 1)
-        if not torch.equal(got, w):
-            return False
         for isa in runnable_isas():
+            for out_dtype in (torch.float32, torch.bfloat16):
+                got = torch.empty(n, k, dtype=out_dtype)
+                to_bf16 = int(out_dtype == torch.bfloat16)
+                dq(bits, qs.data_ptr(), dm.data_ptr(), k, 0, n, got.data_ptr(), to_bf16, isa, 1)
+                if not torch.equal(got, w.to(out_dtype)):
+                    return False
             y = torch.empty(3, n)
             mm(bits, x.data_ptr(), 0, 3, k, qs.data_ptr(), dm.data_ptr(), n, y.data_ptr(), 0, isa, 1)
             ref = x @ w.T
@@ -173,7 +175,7 @@ def dequantize_rows(bits: int, qs: torch.Tensor, dm: torch.Tensor, k: int, n0: i
         out = torch.empty(n1 - n0, k, dtype=dtype)
     assert out.is_contiguous() and out.shape == (n1 - n0, k) and out.dtype == dtype
     fns[1](bits, qs.data_ptr(), dm.data_ptr(), k, n0, n1, out.data_ptr(), int(dtype == torch.bfloat16),
-           torch.get_num_threads())
+           cpu.int8_dot_isa(), torch.get_num_threads())
     return out
 
 

@@ -39,10 +39,11 @@ from . import cpu
 CSRC = Path(__file__).with_name("csrc")
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
 BASELINE_KERNELS = {"qmatmul", "attention_f32", "decode_attention", "decode_step"}
-# decode_step.c rounds like eager torch: a product and a sum are never fused into one FMA. pointwise.c: without
-# AVX-512's masks, gcc vectorizes the clamps and selects of exp/SiLU only when comparisons may not trap (the
-# values are the same; an AVX2 build of the SiLU pass was scalar and 14x slower)
-EXTRA_FLAGS = {"decode_step": ["-ffp-contract=off"], "pointwise": ["-fno-trapping-math"]}
+# decode_step.c and pointwise.c round like eager torch: a product and a sum are never fused into one FMA (RoPE is
+# bit-identical to model.apply_rope). pointwise.c: without AVX-512's masks, gcc vectorizes the clamps and selects
+# of exp/SiLU only when comparisons may not trap (the values are the same; an AVX2 build of the SiLU pass was
+# scalar and 14x slower)
+EXTRA_FLAGS = {"decode_step": ["-ffp-contract=off"], "pointwise": ["-fno-trapping-math", "-ffp-contract=off"]}
 # why a kernel is off, by name ("" once it is on)
 reasons: dict[str, str] = {}
 
@@ -405,12 +406,15 @@ def decode_attention() -> DecodeAttention | None:
 
 class Pointwise(NamedTuple):
     """`rmsnorm(x, weight, eps)` and `silu_mul(gate_up)`: (..., C) / (..., 2I) -> (..., C) / (..., I), or None
-    when the kernel declines (dtype, layout); see csrc/pointwise.c."""
+    when the kernel declines (dtype, layout); `rope_(qkv, heads, head_dim, cos, sin)`: RoPE in place on the first
+    `heads` heads of each row of qkv (B, T, >= heads * head_dim), True, or False when it declines. See
+    csrc/pointwise.c."""
     rmsnorm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor | None]
     silu_mul: Callable[[torch.Tensor], torch.Tensor | None]
+    rope_: Callable[[torch.Tensor, int, int, torch.Tensor, torch.Tensor], bool]
 
 
-def _wrap_pointwise(rms_fn: ctypes._CFuncPtr, silu_fn: ctypes._CFuncPtr) -> Pointwise:
+def _wrap_pointwise(rms_fn: ctypes._CFuncPtr, silu_fn: ctypes._CFuncPtr, rope_fn: ctypes._CFuncPtr) -> Pointwise:
     def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
         C = x.shape[-1]
         if (x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype or weight.shape != (C,)
@@ -430,7 +434,19 @@ def _wrap_pointwise(rms_fn: ctypes._CFuncPtr, silu_fn: ctypes._CFuncPtr) -> Poin
                 two_i // 2, torch.get_num_threads())
         return out
 
-    return Pointwise(rmsnorm, silu_mul)
+    def rope_(qkv: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+        B, T, W = qkv.shape
+        if (qkv.dtype not in (torch.float32, torch.bfloat16) or head_dim % 2 or heads * head_dim > W
+                or qkv.stride(2) != 1 or qkv.stride(0) != T * qkv.stride(1)
+                or cos.shape != (T, head_dim) or sin.shape != (T, head_dim)
+                or cos.dtype != qkv.dtype or sin.dtype != qkv.dtype
+                or not (cos.is_contiguous() and sin.is_contiguous())):
+            return False
+        rope_fn(int(qkv.dtype == torch.bfloat16), qkv.data_ptr(), B * T, T, heads, qkv.stride(1), head_dim,
+                cos.data_ptr(), sin.data_ptr(), torch.get_num_threads())
+        return True
+
+    return Pointwise(rmsnorm, silu_mul, rope_)
 
 
 def _pointwise_self_check(kernels: Pointwise) -> bool:
@@ -454,17 +470,29 @@ def _pointwise_self_check(kernels: Pointwise) -> bool:
                 return False
             if dtype == torch.bfloat16 and (got != ref).float().mean() > 0.02:
                 return False
+        # RoPE: bit-identical to model.apply_rope, on a fused (B, T, q | k | v) projection, v untouched
+        qkv = (torch.randn(2, 3, 5 * 16, generator=g) * 3).to(dtype)
+        cos, sin = (torch.randn(3, 16, generator=g).to(dtype) for _ in range(2))
+        qk = qkv[..., :4 * 16].view(2, 3, 4, 16)
+        ref_qk = qk * cos[:, None] + torch.cat((qk[..., 8:], qk[..., :8]), -1) * sin[:, None]
+        got = qkv.clone()
+        if not kernels.rope_(got, 4, 16, cos, sin):
+            return False
+        if not (torch.equal(got[..., :4 * 16].view(2, 3, 4, 16), ref_qk) and torch.equal(got[..., 64:], qkv[..., 64:])):
+            return False
     return True
 
 
 @functools.cache
 def pointwise() -> Pointwise | None:
     """The fused RMSNorm / SiLU-gate kernels, or None (the reason is in `reasons["pointwise"]`)."""
-    fns = _functions("pointwise", "edgellm_rmsnorm", "edgellm_silu_mul")
+    fns = _functions("pointwise", "edgellm_rmsnorm", "edgellm_silu_mul", "edgellm_rope")
     if fns is None:
         return None
-    rms_fn, silu_fn = fns
-    rms_fn.restype = silu_fn.restype = None
+    rms_fn, silu_fn, rope_fn = fns
+    rms_fn.restype = silu_fn.restype = rope_fn.restype = None
+    rope_fn.argtypes = ([ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 2
+                        + [ctypes.c_int])
     rms_fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
     silu_fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
-    return _verified("pointwise", _wrap_pointwise(rms_fn, silu_fn), _pointwise_self_check)
+    return _verified("pointwise", _wrap_pointwise(rms_fn, silu_fn, rope_fn), _pointwise_self_check)

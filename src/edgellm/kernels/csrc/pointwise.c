@@ -1,4 +1,4 @@
-/* The pointwise parts of a prefill layer in one pass each: RMSNorm, and SiLU(gate) * up.
+/* The pointwise parts of a prefill layer in one pass each: RMSNorm, SiLU(gate) * up, and RoPE.
  *
  * Why a kernel: in eager torch each is 4-7 separate passes over the activations (casts, pow, mean, rsqrt,
  * multiplies; silu then mul), ~10 % of a 512-token prefill of the default model once the GEMMs are fast.
@@ -6,6 +6,8 @@
  * equals it except in the last bit of an fp32 sum (our summation order) or of exp (our polynomial, ~1 ulp):
  *   rmsnorm: y = w * bf16(x * rsqrt(mean(x^2) + eps))   (x^2 and the mean in fp32, as HF's LlamaRMSNorm)
  *   silu_mul: out = bf16(bf16(g / (1 + exp(-g))) * u)   (fp32: no rounding steps)
+ *   rope: x = bf16(bf16(x * cos) + bf16(rotate_half(x) * sin))   (model.apply_rope's three ops; bit-identical,
+ *         fp32 too: built with -ffp-contract=off, so no product is fused into the sum)
  * Rows are independent (fixed order inside a row), so a row's result never depends on the others.
  *
  * Plain C that the compiler vectorizes (`omp simd`); layouts: x, out (rows, C); gu (rows, 2 I) = [gate | up],
@@ -94,6 +96,40 @@ void edgellm_silu_mul(int bf16, const void *gu, void *out, int64_t rows, int64_t
             float *o = (float *)out + r * I;
 #pragma omp simd
             for (int64_t i = 0; i < I; i++) o[i] = silu(g[i]) * u[i];
+        }
+    }
+}
+
+/* RoPE in place on the q and k heads of a fused projection (model.apply_rope, HF's half split): row r = b T + t
+ * holds `heads` heads of D values at x + r * stride (the q heads, then the k heads: v follows, untouched);
+ * cos, sin (T, D) in x's dtype, sin carrying rotate_half's sign ([-sin, sin]). Each head's halves are read
+ * before either is written, so in place is safe. */
+void edgellm_rope(int bf16, void *x, int64_t rows, int64_t T, int64_t heads, int64_t stride, int64_t D,
+                  const void *cos, const void *sin, int threads) {
+    const int64_t h = D / 2;
+#pragma omp parallel for num_threads(threads < 1 ? 1 : threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t t = r % T;
+        for (int64_t hd = 0; hd < heads; hd++) {
+            if (bf16) {
+                uint16_t *x1 = (uint16_t *)x + r * stride + hd * D, *x2 = x1 + h;
+                const uint16_t *c = (const uint16_t *)cos + t * D, *s = (const uint16_t *)sin + t * D;
+#pragma omp simd
+                for (int64_t d = 0; d < h; d++) {
+                    const float a = from_bf16(x1[d]), b = from_bf16(x2[d]);
+                    x1[d] = to_bf16(round_bf16(a * from_bf16(c[d])) + round_bf16(b * from_bf16(s[d])));
+                    x2[d] = to_bf16(round_bf16(b * from_bf16(c[d + h])) + round_bf16(a * from_bf16(s[d + h])));
+                }
+            } else {
+                float *x1 = (float *)x + r * stride + hd * D, *x2 = x1 + h;
+                const float *c = (const float *)cos + t * D, *s = (const float *)sin + t * D;
+#pragma omp simd
+                for (int64_t d = 0; d < h; d++) {
+                    const float a = x1[d], b = x2[d];
+                    x1[d] = a * c[d] + b * s[d];
+                    x2[d] = b * c[d + h] + a * s[d + h];
+                }
+            }
         }
     }
 }

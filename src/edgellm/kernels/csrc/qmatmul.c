@@ -295,9 +295,9 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl"))) static __m128 q4
  * weights are loaded and unpacked once for all rows. Each row's lanes see exactly the operations of the one-row
  * function, in the same order, so every row's result is bit-identical to it. */
 #define MR 4
-__attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl"))) static void q4_group_rows_avx512vnni(
-    const uint8_t *qs, const uint16_t *dm, int64_t nb, int64_t rows, const int8_t *xq, const float *xd,
-    const float *xs, int64_t K, __m128 *out) {
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl"))) static inline __attribute__((always_inline)) void
+q4_rows(const uint8_t *qs, const uint16_t *dm, int64_t nb, const int rows, const int8_t *xq, const float *xd,
+        const float *xs, int64_t K, __m128 *out) {
     const __m512i nib = _mm512_set1_epi8(0x0F);
     const __m512i sel = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     __m512 acc[MR];
@@ -313,8 +313,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl"))) static void q4_g
         const __m128 fm = _mm256_extractf128_ps(f, 1);
         /* d of each lane's row, permuted once for all rows (d_r * xd per lane: the same product as permuting after) */
         const __m512 fd = _mm512_permutexvar_ps(sel, _mm512_castps256_ps512(f));
-        for (int m = 0; m < MR; m++) {
-            if (m >= rows) break;
+        for (int m = 0; m < rows; m++) {
             const int8_t *x = xq + m * K + b * QK;
             const __m512i xlo = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)x));
             const __m512i xhi = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(x + 16)));
@@ -325,13 +324,28 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl"))) static void q4_g
             accm[m] = _mm_fmadd_ps(fm, _mm_set1_ps(xs[m * (K / QK) + b]), accm[m]);
         }
     }
-    for (int m = 0; m < MR && m < rows; m++) {
+    for (int m = 0; m < rows; m++) {
         __m256 h = _mm256_hadd_ps(_mm512_castps512_ps256(acc[m]),
                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[m]), 1)));
         h = _mm256_hadd_ps(h, h);
         __m128 l = _mm256_castps256_ps128(h), u = _mm256_extractf128_ps(h, 1);
         out[m] = _mm_add_ps(_mm_unpacklo_ps(l, u), accm[m]);
     }
+}
+
+/* q4_rows with the row count a constant (the accumulators stay in registers; with a run-time count and an early
+ * exit they lived on the stack) */
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl"))) static void q4_group_rows_avx512vnni(
+    const uint8_t *qs, const uint16_t *dm, int64_t nb, int64_t rows, const int8_t *xq, const float *xd,
+    const float *xs, int64_t K, __m128 *out) {
+    if (rows >= MR)
+        q4_rows(qs, dm, nb, MR, xq, xd, xs, K, out);
+    else if (rows == 3)
+        q4_rows(qs, dm, nb, 3, xq, xd, xs, K, out);
+    else if (rows == 2)
+        q4_rows(qs, dm, nb, 2, xq, xd, xs, K, out);
+    else
+        q4_rows(qs, dm, nb, 1, xq, xd, xs, K, out);
 }
 
 Q8_GROUP(q8_group_avx2, DOT_AVX2, )
@@ -512,12 +526,48 @@ static inline void store8(void *out, int out_bf16, int64_t idx, __m256 v) {
         _mm256_storeu_ps((float *)out + idx, v);
 }
 
+/* One row of W dequantized on zmm (isa 2), 32 weights per step; the same values as the ymm loop in
+ * edgellm_qdequant (d * q is exact, so one rounding either way; bf16 by the same round-to-nearest-even). */
+static inline AVX512VNNI void store16(void *out, int out_bf16, int64_t idx, __m512 v) {
+    if (out_bf16) {
+        __m512i u = _mm512_castps_si512(v);
+        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        u = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+        _mm256_storeu_si256((__m256i *)((uint16_t *)out + idx), _mm512_cvtepi32_epi16(u));
+    } else {
+        _mm512_storeu_ps((float *)out + idx, v);
+    }
+}
+
+AVX512VNNI static void dequant_row_avx512(int bits, const void *qs, const uint16_t *dm, int64_t nb, int64_t g,
+                                          int64_t r, void *out, int64_t o, int out_bf16) {
+    for (int64_t b = 0; b < nb; b++, o += QK) {
+        if (bits == 4) {
+            const uint8_t *q = (const uint8_t *)qs + ((g * nb + b) * R + r) * 16;
+            const uint16_t *s = dm + (g * nb + b) * 2 * R;
+            const __m512 d = _mm512_set1_ps(_cvtsh_ss(s[r])), mn = _mm512_set1_ps(_cvtsh_ss(s[R + r]));
+            const __m128i v = _mm_loadu_si128((const __m128i *)q), nib = _mm_set1_epi8(0x0F);
+            const __m128i lo = _mm_and_si128(v, nib), hi = _mm_and_si128(_mm_srli_epi16(v, 4), nib);
+            store16(out, out_bf16, o, _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo))), mn));
+            store16(out, out_bf16, o + 16,
+                    _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi))), mn));
+        } else {
+            const int8_t *q = (const int8_t *)qs + ((g * nb + b) * R + r) * QK;
+            const __m512 d = _mm512_set1_ps(_cvtsh_ss(dm[(g * nb + b) * R + r]));
+            for (int i = 0; i < 2; i++) {
+                const __m512i c = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16 * i)));
+                store16(out, out_bf16, o + 16 * i, _mm512_mul_ps(d, _mm512_cvtepi32_ps(c)));
+            }
+        }
+    }
+}
+
 /* Rows n0:n1 (n0 % 4 == 0) of W dequantized exactly (d * q + m, or d * q: every product of an fp16 scale and a
  * code up to 8 bits is exact in fp32, so one rounding at most), written as out (n1 - n0, K) in fp32 or bf16
- * (rounded once), for the prefill path's dense GEMM. Vectorised: this runs over every weight once per
- * prefill, so it must cost a small fraction of the GEMM that follows. */
+ * (rounded once), for the prefill path's dense GEMM. Vectorised (zmm for isa 2, else ymm): this runs over every
+ * weight once per prefill, so it must cost a small fraction of the GEMM that follows. */
 void edgellm_qdequant(int bits, const void *qs, const uint16_t *dm, int64_t K, int64_t n0, int64_t n1, void *out,
-                      int out_bf16, int threads) {
+                      int out_bf16, int isa, int threads) {
     const int64_t nb = K / QK;
 #ifdef _OPENMP
     if (threads < 1) threads = omp_get_max_threads();
@@ -526,6 +576,10 @@ void edgellm_qdequant(int bits, const void *qs, const uint16_t *dm, int64_t K, i
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = n0; n < n1; n++) {
         const int64_t g = n / R, r = n % R, row = (n - n0) * K;
+        if (isa == 2) {
+            dequant_row_avx512(bits, qs, dm, nb, g, r, out, row, out_bf16);
+            continue;
+        }
         for (int64_t b = 0; b < nb; b++) {
             const int64_t o = row + b * QK;
             if (bits == 4) {
