@@ -92,6 +92,38 @@ def test_blocked_attention_matches_masked_sdpa(B, H, Hkv, T, start):
     assert (got - ref).abs().max().item() < 0.03
 
 
+def test_half_precision_training_attention_has_sdpa_gradients(monkeypatch):
+    """bf16 training takes blocked_causal_attention (bf16 GEMMs with autograd) instead of torch's CPU flash kernel:
+    the outputs and the q/k/v gradients match fp32 SDPA within bf16 noise, and the path is really taken."""
+    from edgellm import model
+    from edgellm.config import ModelConfig
+
+    calls = []
+    real = model.blocked_causal_attention
+    monkeypatch.setattr(model, "blocked_causal_attention", lambda *a: calls.append(1) or real(*a))
+    cfg = ModelConfig(arch="llama", vocab_size=64, hidden_size=128, intermediate_size=64, num_layers=1, num_heads=4,
+                      num_kv_heads=2, head_dim=32, max_seq_len=300)
+    torch.manual_seed(0)
+    attn = model.Attention(cfg)
+    tables = model.Transformer(cfg)
+    tables.init_rope()
+    cos, sin = tables.rope_cos[:200], tables.rope_sin[:200]
+    x = torch.randn(2, 200, 128, requires_grad=True)
+    attn_bf16 = model.Attention(cfg).bfloat16()
+    attn_bf16.load_state_dict({k: v.bfloat16() for k, v in attn.state_dict().items()})
+    xb = x.detach().bfloat16().requires_grad_(True)
+    got = attn_bf16(xb, cos, sin, 0, False)
+    assert calls, "bf16 training did not take the blocked path"
+    want = attn(x, cos, sin, 0, False)                       # fp32: SDPA
+    torch.testing.assert_close(got.float(), want, atol=0.03, rtol=0.05)
+    grad = torch.randn_like(want)
+    got.backward(grad.bfloat16())
+    want.backward(grad)
+    torch.testing.assert_close(xb.grad.float(), x.grad, atol=0.05 * x.grad.abs().max().item(), rtol=0.05)
+    w_got, w_want = attn_bf16.qkv_proj.weight.grad.float(), attn.qkv_proj.weight.grad
+    assert (w_got - w_want).abs().max() < 0.05 * w_want.abs().max()
+
+
 def test_blocked_attention_result_does_not_depend_on_the_block_size(monkeypatch):
     """128-row blocks while the scores are small, 64 after: each query row's result is bit-identical."""
     from edgellm import model

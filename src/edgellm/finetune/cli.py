@@ -117,7 +117,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     import torch
 
     from ..kernels import cpu
-    from ..lora import LoRASettings, attach_adapter, inject_lora, read_adapter, resolve_targets
+    from ..lora import LoRADropout, LoRASettings, attach_adapter, inject_lora, read_adapter, resolve_targets
     from ..peers import peak_rss_mb
     from .data import load_examples
     from .train import TrainConfig, Trainer, trainable_summary
@@ -142,7 +142,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         settings.targets, settings.ranks = adapter.settings.targets, adapter.settings.ranks
         mods = attach_adapter(loaded.model, config, adapter, trainable=True)
         for m in mods.values():
-            m.dropout = torch.nn.Dropout(args.lora_dropout) if args.lora_dropout > 0 else torch.nn.Identity()
+            m.dropout = LoRADropout(args.lora_dropout) if args.lora_dropout > 0 else torch.nn.Identity()
     else:
         mods = inject_lora(loaded.model, config, settings)
         g = torch.Generator().manual_seed(args.seed)

@@ -317,8 +317,8 @@ q4_rows(const uint8_t *qs, const uint16_t *dm, int64_t nb, const int rows, const
             const int8_t *x = xq + m * K + b * QK;
             const __m512i xlo = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)x));
             const __m512i xhi = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(x + 16)));
-            __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo);
-            p = _mm512_dpbusd_epi32(p, hi, xhi);
+            const __m512i p = _mm512_add_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo),
+                                               _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, xhi));
             acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(fd, _mm512_set1_ps(xd[m * (K / QK) + b])),
                                      acc[m]);
             accm[m] = _mm_fmadd_ps(fm, _mm_set1_ps(xs[m * (K / QK) + b]), accm[m]);
