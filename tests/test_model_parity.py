@@ -92,6 +92,47 @@ def test_blocked_attention_matches_masked_sdpa(B, H, Hkv, T, start):
     assert (got - ref).abs().max().item() < 0.03
 
 
+@pytest.mark.parametrize("head_dim,dtype", [(64, torch.float32), (64, torch.bfloat16), (32, torch.float32),
+                                             (32, torch.bfloat16)])
+def test_packed_rows_give_each_sequence_its_own_logits(head_dim, dtype):
+    """A row holding a shared prefix once, then three continuations (each at the positions after the prefix, seeing
+    the prefix and itself): every token's logits are those of that sequence run alone. Head dim 64 takes the C
+    attention kernels where built, 32 the masked SDPA; fp32 within float noise, bf16 within bf16 rounding."""
+    from edgellm.config import ModelConfig
+    from edgellm.model import Packed, Transformer
+
+    cfg = ModelConfig(arch="llama", vocab_size=128, hidden_size=4 * head_dim, intermediate_size=96, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=head_dim, max_seq_len=128)
+    torch.manual_seed(1)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.1 * torch.randn_like(p))
+    model.init_rope()
+    model = model.to(dtype).eval()
+    g = torch.Generator().manual_seed(2)
+    prefix = torch.randint(0, 128, (13,), generator=g).tolist()
+    tails = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (5, 1, 9)]
+    P = len(prefix)
+    ids, pos, lo = list(prefix), list(range(P)), [0] * P
+    for t in tails:
+        lo += [len(ids)] * len(t)
+        pos += list(range(P, P + len(t)))
+        ids += t
+    with torch.inference_mode():
+        out = model(torch.tensor([ids]), packed=Packed(torch.tensor([pos]), torch.tensor([lo]),
+                                                       torch.tensor([P])))[0].float()
+        col = P
+        for t in tails:
+            alone = model(torch.tensor([prefix + t]))[0].float()
+            got = torch.cat([out[:P], out[col:col + len(t)]])
+            tol = 1e-4 if dtype == torch.float32 else 0.05 * alone.abs().max().item()
+            assert (got - alone).abs().max().item() <= tol
+            col += len(t)
+    with pytest.raises(ValueError, match="packed rows"):
+        model(torch.tensor([ids]), 3, packed=Packed(torch.tensor([pos]), torch.tensor([lo]), torch.tensor([P])))
+
+
 def test_half_precision_training_attention_has_sdpa_gradients(monkeypatch):
     """bf16 training takes blocked_causal_attention (bf16 GEMMs with autograd) instead of torch's CPU flash kernel:
     the outputs and the q/k/v gradients match fp32 SDPA within bf16 noise, and the path is really taken."""

@@ -7,12 +7,24 @@ loaders fuse Llama/Mistral/Qwen2 checkpoints into this layout, so the forward pa
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, rope_inv_freq
 from .kernels import cache_attention, native
+
+
+@dataclass
+class Packed:
+    """Rows that each hold several sequences sharing a prefix (eval/engine.py packs an item's context once, then
+    its answers): token (b, t) is at position positions[b, t] and sees the row's tokens j <= t with
+    j < shared[b] (the prefix) or j >= lo[b, t] (its own segment). No KV cache."""
+    positions: torch.Tensor  # (B, T) int64
+    lo: torch.Tensor         # (B, T) int64
+    shared: torch.Tensor     # (B,) int64
 
 
 def _eager_inference(*tensors: torch.Tensor) -> bool:
@@ -247,6 +259,29 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.cfg.q_size))
 
 
+    def forward_packed(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, packed: Packed) -> torch.Tensor:
+        """x (B, T, C) of packed rows (see Packed); cos/sin (B, T, D): the RoPE rows of each token's position."""
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
+        qkv = self.qkv_proj(x)                                          # (B, T, (H + 2 Hkv) D)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        qk = qkv[..., :self.cfg.q_size + self.cfg.kv_size].view(B, T, H + Hkv, D)
+        kernels = native.pointwise() if _eager_inference(qkv) else None
+        if kernels is None or not kernels.rope_(qkv, H + Hkv, D, cos.reshape(B * T, D), sin.reshape(B * T, D)):
+            qk = apply_rope(qk, cos[:, :, None], sin[:, :, None])       # (B, T, H + Hkv, D)
+        q = qk[:, :, :H].transpose(1, 2)                                # (B, H, T, D)
+        k = qk[:, :, H:].transpose(1, 2)                                # (B, Hkv, T, D)
+        v = qkv[..., self.cfg.q_size + self.cfg.kv_size:].view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        segments = (packed.lo, packed.shared)
+        if D == native.ATTENTION_HEAD_DIM and x.dtype in (torch.bfloat16, torch.float32) and _eager_inference(q, v):
+            attend = native.attention_bf16() if x.dtype == torch.bfloat16 else native.attention_f32()
+            y = attend(q, k, v, 0, segments) if attend is not None else None  # (B, T, H, D)
+            if y is not None:
+                return self.o_proj(y.reshape(B, T, self.cfg.q_size))
+        mask = native.segment_mask(T, 0, segments)                      # (B, 1, T, T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.cfg.q_size))
+
     def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """T new tokens per sequence (x (B, T, C) at positions pos (T,); T = 1 to decode, more to verify
         speculative drafts) with static shapes only. Attention: the C kernel where it is built (`cache_kernel`:
@@ -357,8 +392,12 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
-                use_cache: bool) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, use_cache)
+                use_cache: bool, packed: Packed | None = None) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        if packed is not None:
+            x = x + self.self_attn.forward_packed(h, cos, sin, packed)
+        else:
+            x = x + self.self_attn(h, cos, sin, start, use_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -439,17 +478,25 @@ class Transformer(nn.Module):
                 layer.self_attn.cache.reset()
 
     def forward(self, ids: torch.Tensor, start: int = 0, use_cache: bool = False,
-                last_only: bool = False, hidden_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, hidden_only: bool = False, packed: Packed | None = None) -> torch.Tensor:
         """ids (B, T) at positions start..start+T-1 -> logits (B, T, V) (or (B, 1, V) with last_only).
-        hidden_only: return the final-normed hidden states (B, T, C) instead; callers apply lm_head in chunks."""
+        hidden_only: return the final-normed hidden states (B, T, C) instead; callers apply lm_head in chunks.
+        packed: rows holding several sequences (see Packed; start 0, no cache): positions and visibility from it."""
         B, T = ids.shape
-        if self.rope_cos is None or self.rope_cos.shape[0] < start + T:
-            self.init_rope(max(start + T, self.config.max_seq_len))
+        end = start + T if packed is None else int(packed.positions.max()) + 1
+        if packed is not None and (start or use_cache or packed.positions.shape != (B, T)):
+            raise ValueError("packed rows start at 0, use no KV cache and give a position per token")
+        if self.rope_cos is None or self.rope_cos.shape[0] < end:
+            self.init_rope(max(end, self.config.max_seq_len))
         x = self.embed_tokens(ids)                                # (B, T, C)
-        cos = self.rope_cos[start:start + T].to(x.dtype)         # (T, D), converted once for every layer
-        sin = self.rope_sin[start:start + T].to(x.dtype)
+        if packed is None:
+            cos = self.rope_cos[start:start + T].to(x.dtype)     # (T, D), converted once for every layer
+            sin = self.rope_sin[start:start + T].to(x.dtype)
+        else:
+            cos = self.rope_cos[packed.positions].to(x.dtype)    # (B, T, D)
+            sin = self.rope_sin[packed.positions].to(x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, start, use_cache)
+            x = layer(x, cos, sin, start, use_cache, packed)
         if last_only:
             x = x[:, -1:]
         return self.norm(x) if hidden_only else self.lm_head(self.norm(x))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from edgellm.eval.cache import ResultStore
-from edgellm.eval.engine import Request, Runner, common_prefix_len, plan
+from edgellm.eval.engine import Request, Runner, common_prefix_len, pack_rows, plan
 
 
 def test_common_prefix_len():
@@ -54,3 +54,34 @@ def test_kv_cache_stays_within_budget_across_groups(llm_fp32, monkeypatch):
     runner._ensure_cache(2, 400)       # (8, 400) would be 3200: allocate just (2, 400)
     assert runner._cache_shape == (2, 400)
     assert llm_fp32.model.layers[0].self_attn.cache.k.shape[0] == 2
+
+
+def test_pack_rows_groups_an_items_choices_not_unrelated_prompts():
+    question = [5] * 30
+    choices = [Request(f"c{i}", question + [10 + i] * (i + 2), [29 + j for j in range(i + 2)]) for i in range(4)]
+    other = [Request("o", [5, 5, 5] + [9] * 40, [42])]  # shares only 3 leading tokens with the question
+    rows = pack_rows(choices + other)
+    assert sorted(len(r.requests) for r in rows) == [1, 4]
+    row = next(r for r in rows if len(r.requests) == 4)
+    assert row.prefix == 30 and row.length == 30 + 2 + 3 + 4 + 5
+    assert all(len(r.requests) == 1 for r in pack_rows(choices, max_len=33))  # a row never outgrows max_len
+
+
+def test_packed_batches_match_plain_forward(llm_fp32):
+    """Items whose prompts share a question are packed (one row per question): every wanted logit equals the
+    plain forward's of that prompt alone, wanted positions inside the shared part included."""
+    g = torch.Generator().manual_seed(3)
+    reqs = []
+    for q in range(3):
+        question = torch.randint(100, 5000, (12 + 7 * q,), generator=g).tolist()
+        for c, n in enumerate([4, 1, 7]):
+            ids = question + torch.randint(100, 5000, (n,), generator=g).tolist()
+            reqs.append(Request(f"q{q}c{c}", ids, list(range(len(question) - 2, len(ids)))))
+    runner = Runner(llm_fp32, ResultStore(None, "t"), progress=False)
+    p = runner.plan([reqs], batch_tokens=4096)
+    assert p.prefix == [0] and all(b.rows is not None for b in p.batches)
+    assert sum(len(b.rows) for b in p.batches) == 3
+    got = runner.run(p, lambda r, logits: logits.tolist())
+    for r in reqs:
+        ref = llm_fp32.logits(r.ids)[r.positions]
+        assert (torch.tensor(got[r.key]) - ref).abs().max().item() < 1e-3

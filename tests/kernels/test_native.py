@@ -175,6 +175,30 @@ def test_attention_matches_masked_sdpa(attend, B, H, Hkv, T, start):
     assert (got.float() - ref.transpose(1, 2)).abs().max().item() < tol
 
 
+def test_attention_over_packed_rows_skips_the_other_segments(attend):
+    """Packed rows (eval/engine.py): a query sees the row's prefix and its own segment only, as SDPA with the
+    same explicit mask; the mask really bites (without it the answer differs); a plain row in the same call."""
+    import torch.nn.functional as F
+
+    fn, dtype, tol = attend
+    g = torch.Generator().manual_seed(9)
+    B, H, Hkv, T = 2, 6, 2, 90
+    q = torch.randn(B, T, H, 64, generator=g).transpose(1, 2).to(dtype)
+    k, v = (t.to(dtype) for t in torch.randn(2, B, Hkv, T, 64, generator=g))
+    # row 0: a 21-token prefix, then segments of 30, 1 and 38 tokens; row 1: one plain sequence
+    lo = torch.tensor([[0] * 21 + [21] * 30 + [51] + [52] * 38, [0] * T])
+    shared = torch.tensor([21, 0])
+    got = fn(q, k, v, 0, (lo, shared))
+    mask = native.segment_mask(T, 0, (lo, shared))                          # (B, 1, T, T)
+    assert mask[0, 0, 60, 30] == 0 and mask[0, 0, 60, 10] and mask[0, 0, 60, 55] and mask[1, 0, 60, 30]
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
+    assert (got.float() - ref.transpose(1, 2)).abs().max().item() < tol
+    plain = fn(q, k, v, 0)
+    assert (plain[0, 51:] - got[0, 51:]).abs().max().item() > 10 * tol     # the hole changes the answer
+    assert torch.equal(plain[1], got[1]) and torch.equal(plain[0, :51], got[0, :51])  # prefix, first segment
+    assert fn(q, k, v, 0, (lo[:, :10], shared)) is None                    # lo must be (B, T)
+
+
 def test_attention_reads_strided_keys_and_declines_what_it_cannot_do(attend):
     fn, dtype, _ = attend
     g = torch.Generator().manual_seed(0)

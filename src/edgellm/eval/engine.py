@@ -5,6 +5,11 @@ The model has no padding mask, so prompts of different lengths are right-padded:
 tokens never see the pads, and we read the logits at each row's own positions. Batches are planned from the
 full item list before anything is skipped, so a resumed run recomputes exactly the same batches (same shapes,
 same numbers) as an uninterrupted one.
+
+Prompts that share a prefix without a KV-cache group of their own (a question and its answer choices) are packed:
+one row holds the prefix once, then each prompt's own tokens as a segment that sees the prefix and itself only
+(`model.Packed`: per-token positions and a segment mask in the attention kernels), so the prefix is computed once
+instead of once per choice.
 """
 
 from __future__ import annotations
@@ -19,17 +24,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..model import Packed
 from .cache import ResultStore
 
 DEFAULT_BATCH_TOKENS = 4096   # tokens per forward call (rows x padded length)
 MAX_ROWS = 64                 # rows per forward call
 MIN_SHARED_PREFIX = 16        # below this, prompts run whole (no KV-cache reuse)
+MIN_PACKED_PREFIX = 8         # prompts sharing at least this many leading tokens may be packed into one row
+MAX_PACKED_ROW = 1024         # tokens per packed row
 CACHE_BYTES = 1 << 30         # KV-cache budget for prefix sharing
 
 
-# Bumped whenever edgellm's forward numerics change (e.g. 2: blocked bf16 attention), so cached results
-# computed by an older version are not mixed into new runs.
-NUMERICS_VERSION = 2
+# Bumped whenever edgellm's forward numerics change (e.g. 2: blocked bf16 attention, 3: packed rows), so cached
+# results computed by an older version are not mixed into new runs.
+NUMERICS_VERSION = 3
 
 
 def model_fingerprint(llm: Any) -> dict[str, Any]:
@@ -92,9 +100,21 @@ class Request:
 
 
 @dataclass
+class PackedRow:
+    """Requests in one row: the first `prefix` tokens (shared by all) once, then each request's ids[prefix:]."""
+    prefix: int
+    requests: list[Request]
+
+    @property
+    def length(self) -> int:
+        return self.prefix + sum(len(r.ids) - self.prefix for r in self.requests)
+
+
+@dataclass
 class Batch:
     group: int
     requests: list[Request]
+    rows: list[PackedRow] | None = None    # packed rows (then `requests` lists their requests in row order)
 
 
 @dataclass
@@ -104,12 +124,30 @@ class Plan:
     batches: list[Batch] = field(default_factory=list)
 
 
+def pack_rows(requests: Sequence[Request], max_len: int = MAX_PACKED_ROW) -> list[PackedRow]:
+    """Requests in token order, each joining the row before it while they share at least MIN_PACKED_PREFIX
+    leading tokens, at least half of the row's current prefix (a short shared start such as "Question:" does not
+    pull unrelated prompts in), and the row stays within max_len tokens."""
+    rows: list[PackedRow] = []
+    for r in sorted(requests, key=lambda r: (r.ids, r.key)):
+        row = rows[-1] if rows else None
+        if row is not None:
+            shared = min(common_prefix_len([row.requests[0].ids, r.ids]), row.prefix)
+            grown = PackedRow(shared, [*row.requests, r])
+            if shared >= MIN_PACKED_PREFIX and 2 * shared >= row.prefix and grown.length <= max_len:
+                rows[-1] = grown
+                continue
+        rows.append(PackedRow(len(r.ids), [r]))
+    return rows
+
+
 def plan(groups: Sequence[Sequence[Request]], batch_tokens: int = DEFAULT_BATCH_TOKENS,
          max_rows: int = MAX_ROWS, share_prefix: bool = True, max_prefix: int | None = None,
-         cache_rows: Callable[[int], int] | None = None) -> Plan:
+         cache_rows: Callable[[int], int] | None = None, pack: bool = False) -> Plan:
     """Sort each group's requests by length (longest first) and cut them into batches.
 
     `cache_rows(length)` caps the rows of a batch that reuses a shared prefix (its KV cache must fit memory).
+    pack: a group without a shared KV-cache prefix is packed (`pack_rows`) and its rows cut into batches.
     """
     out = Plan(groups=[list(g) for g in groups], prefix=[])
     for gi, reqs in enumerate(out.groups):
@@ -121,6 +159,18 @@ def plan(groups: Sequence[Sequence[Request]], batch_tokens: int = DEFAULT_BATCH_
         if lcp < MIN_SHARED_PREFIX:
             lcp = 0
         out.prefix.append(lcp)
+        if pack and not lcp:
+            packed = sorted(pack_rows(reqs), key=lambda row: (-row.length, row.requests[0].key))
+            cur_rows: list[PackedRow] = []
+            for row in packed:  # longest first; a batch ends where padding to its width would waste > 1/5
+                if cur_rows and (cur_rows[0].length * (len(cur_rows) + 1) > batch_tokens or len(cur_rows) >= max_rows
+                                 or row.length * 5 < cur_rows[0].length * 4):
+                    out.batches.append(Batch(gi, [r for rr in cur_rows for r in rr.requests], cur_rows))
+                    cur_rows = []
+                cur_rows.append(row)
+            if cur_rows:
+                out.batches.append(Batch(gi, [r for rr in cur_rows for r in rr.requests], cur_rows))
+            continue
         rows_cap = max_rows
         if lcp and cache_rows is not None:
             rows_cap = min(max_rows, cache_rows(max(len(r.ids) for r in reqs)))
@@ -178,11 +228,12 @@ class Runner:
 
     def plan(self, groups: Sequence[Sequence[Request]], batch_tokens: int = DEFAULT_BATCH_TOKENS,
              share_prefix: bool = True) -> Plan:
-        """`plan()` with this model's KV-cache limits (no prefix sharing for sliding-window models)."""
+        """`plan()` with this model's KV-cache limits (no prefix sharing for sliding-window models) and packed
+        rows (not for sliding-window models: a packed row is longer than its prompts, the window would cut it)."""
         window = self.llm.config.sliding_window
         longest = max((len(r.ids) for g in groups for r in g), default=0)
         share = share_prefix and (window is None or longest <= window)  # a rolling cache would evict it
-        return plan(groups, batch_tokens, share_prefix=share, cache_rows=self._cache_rows)
+        return plan(groups, batch_tokens, share_prefix=share, cache_rows=self._cache_rows, pack=window is None)
 
     # ---------------------------------------------------------------- running
     @torch.inference_mode()
@@ -199,6 +250,38 @@ class Runner:
         rows_t, cols_t = torch.tensor(rows), torch.tensor(cols)
         with select_positions(self.model, rows_t, cols_t) as hooked:
             logits = self.model(x, lcp, use_cache=lcp > 0)
+        picked = logits[0] if hooked else logits[rows_t, cols_t]
+        return list(picked.float().split(counts))
+
+    @torch.inference_mode()
+    def _run_packed(self, rows: list[PackedRow]) -> list[torch.Tensor]:
+        """One forward over packed rows (right-padded; a pad token sees the prefix and itself) -> the logits at
+        each request's positions, requests in row order."""
+        width = max(row.length for row in rows)
+        B = len(rows)
+        x = torch.zeros(B, width, dtype=torch.long)
+        pos = torch.zeros(B, width, dtype=torch.long)
+        lo = torch.arange(width).repeat(B, 1)                      # (B, W): pads see only the prefix and themselves
+        shared = torch.tensor([row.prefix for row in rows])
+        sel_rows, sel_cols, counts = [], [], []
+        for b, row in enumerate(rows):
+            P = row.prefix
+            x[b, :P] = torch.tensor(row.requests[0].ids[:P])
+            pos[b, :P] = torch.arange(P)
+            lo[b, :P] = 0
+            col = P
+            for r in row.requests:
+                n = len(r.ids) - P
+                x[b, col:col + n] = torch.tensor(r.ids[P:], dtype=torch.long)
+                pos[b, col:col + n] = torch.arange(P, P + n)
+                lo[b, col:col + n] = col
+                sel_rows += [b] * len(r.positions)
+                sel_cols += [p if p < P else col + p - P for p in r.positions]
+                counts.append(len(r.positions))
+                col += n
+        rows_t, cols_t = torch.tensor(sel_rows), torch.tensor(sel_cols)
+        with select_positions(self.model, rows_t, cols_t) as hooked:
+            logits = self.model(x, packed=Packed(pos, lo, shared))
         picked = logits[0] if hooked else logits[rows_t, cols_t]
         return list(picked.float().split(counts))
 
@@ -230,7 +313,7 @@ class Runner:
                     with torch.inference_mode():
                         self._fill_prefix(p.groups[b.group][0].ids[:lcp], rows)
                     ready_group = b.group
-                outs = self._run_batch(b.requests, lcp)
+                outs = self._run_packed(b.rows) if b.rows is not None else self._run_batch(b.requests, lcp)
                 self.forward_s += time.perf_counter() - t0
                 self.store.put_many((r.key, finish(r, o)) for r, o in zip(b.requests, outs, strict=True))
                 bar.update(len(b.requests))

@@ -265,33 +265,54 @@ def int4_dequantizer() -> Dequantizer | None:
     return _verified(name, _wrap(fn), _self_check)
 
 
-Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], "torch.Tensor | None"]
+Attention = Callable[..., "torch.Tensor | None"]
 ATTENTION_HEAD_DIM = 64
 
 
 def _wrap_attention(fn: ctypes._CFuncPtr, dtype: torch.dtype) -> Attention:
-    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor | None:
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+               segments: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
         """Causal attention of q (B, H, T, 64) at positions start.. over k, v (B, Hkv, >= start+T, 64) whose
         slot j holds position j, all `dtype` with unit stride along the head dim (any other strides) ->
-        (B, T, H, 64) contiguous. None if the kernel declined (shape, or out of memory)."""
+        (B, T, H, 64) contiguous. segments = (lo (B, T), shared (B,)), int64: packed rows, where query t of row b
+        also skips keys shared[b] <= j < lo[b, t]. None if the kernel declined (shape, or out of memory)."""
         B, H, T, D = q.shape
         Hkv = k.shape[1]
         if (D != ATTENTION_HEAD_DIM or H % Hkv or k.shape[2] < start + T or v.shape[:3] != k.shape[:3]
                 or any(t.dtype != dtype or t.stride(-1) != 1 for t in (q, k, v))):
             return None
+        lo = shared = None
+        if segments is not None:
+            lo, shared = (t.to(torch.int64).contiguous() for t in segments)
+            if lo.shape != (B, T) or shared.shape != (B,):
+                return None
         out = torch.empty(B, T, H, D, dtype=dtype)
         rc = fn(q.data_ptr(), *q.stride()[:3], k.data_ptr(), *k.stride()[:3], v.data_ptr(), *v.stride()[:3],
-                out.data_ptr(), B, H, Hkv, T, start, D, D ** -0.5, torch.get_num_threads())
+                out.data_ptr(), B, H, Hkv, T, start, D, D ** -0.5, None if lo is None else lo.data_ptr(),
+                None if shared is None else shared.data_ptr(), torch.get_num_threads())
         return out if rc == 0 else None
 
     return attend
 
 
-def _attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+def segment_mask(T: int, start: int, segments: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The keys each query sees, (T, start + T) causal, or (B, 1, T, T) for packed rows (start 0; see attend)."""
+    L = start + T
+    causal = torch.arange(L)[None, :] <= torch.arange(start, L)[:, None]            # (T, L)
+    if segments is None:
+        return causal
+    lo, shared = segments
+    j = torch.arange(L)
+    hole = (j[None, None, :] >= shared[:, None, None]) & (j[None, None, :] < lo[:, :, None])  # (B, T, L)
+    return (causal[None] & ~hole)[:, None]
+
+
+def _attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                         segments: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     L = start + q.shape[2]
-    mask = torch.arange(L)[None, :] <= torch.arange(start, L)[:, None]
     y = torch.nn.functional.scaled_dot_product_attention(q.float(), k[:, :, :L].float(), v[:, :, :L].float(),
-                                                         attn_mask=mask, enable_gqa=True)
+                                                         attn_mask=segment_mask(q.shape[2], start, segments),
+                                                         enable_gqa=True)
     return y.transpose(1, 2)
 
 
@@ -305,7 +326,13 @@ def _attention_self_check(attend: Attention, dtype: torch.dtype) -> bool:
         got = attend(q, k, v, start)
         if got is None or (got.float() - _attention_reference(q, k, v, start)).abs().max().item() > tol:
             return False
-    return True
+    # packed rows: a 5-token shared prefix, then segments of 7, 9 and 13 tokens (row 1: one segment of 29)
+    q = torch.randn(2, 34, 4, 64, generator=g).to(dtype).transpose(1, 2)
+    k, v = torch.randn(2, 2, 2, 34, 64, generator=g).to(dtype)
+    lo = torch.tensor([[0] * 5 + [5] * 7 + [12] * 9 + [21] * 13, [0] * 34])
+    shared = torch.tensor([5, 0])
+    got = attend(q, k, v, 0, (lo, shared))
+    return got is not None and (got.float() - _attention_reference(q, k, v, 0, (lo, shared))).abs().max().item() <= tol
 
 
 def _attention_kernel(name: str, level: str, dtype: torch.dtype) -> Attention | None:
@@ -318,7 +345,7 @@ def _attention_kernel(name: str, level: str, dtype: torch.dtype) -> Attention | 
         return None
     fn.restype = ctypes.c_int
     fn.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 3) * 3 + [ctypes.c_void_p] + [ctypes.c_int64] * 6 + \
-        [ctypes.c_float, ctypes.c_int]
+        [ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     return _verified(name, _wrap_attention(fn, dtype), functools.partial(_attention_self_check, dtype=dtype))
 
 
@@ -407,8 +434,8 @@ def decode_attention() -> DecodeAttention | None:
 class Pointwise(NamedTuple):
     """`rmsnorm(x, weight, eps)` and `silu_mul(gate_up)`: (..., C) / (..., 2I) -> (..., C) / (..., I), or None
     when the kernel declines (dtype, layout); `rope_(qkv, heads, head_dim, cos, sin)`: RoPE in place on the first
-    `heads` heads of each row of qkv (B, T, >= heads * head_dim), True, or False when it declines. See
-    csrc/pointwise.c."""
+    `heads` heads of each row of qkv (B, T, >= heads * head_dim) with cos/sin (T, D) per position or (B * T, D) per
+    token, True, or False when it declines. See csrc/pointwise.c."""
     rmsnorm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor | None]
     silu_mul: Callable[[torch.Tensor], torch.Tensor | None]
     rope_: Callable[[torch.Tensor, int, int, torch.Tensor, torch.Tensor], bool]
@@ -436,13 +463,14 @@ def _wrap_pointwise(rms_fn: ctypes._CFuncPtr, silu_fn: ctypes._CFuncPtr, rope_fn
 
     def rope_(qkv: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> bool:
         B, T, W = qkv.shape
+        rows = cos.shape[0]  # T: one table row per position of every sequence; B * T: a row per token
         if (qkv.dtype not in (torch.float32, torch.bfloat16) or head_dim % 2 or heads * head_dim > W
-                or qkv.stride(2) != 1 or qkv.stride(0) != T * qkv.stride(1)
-                or cos.shape != (T, head_dim) or sin.shape != (T, head_dim)
+                or qkv.stride(2) != 1 or qkv.stride(0) != T * qkv.stride(1) or rows not in (T, B * T)
+                or cos.shape != (rows, head_dim) or sin.shape != (rows, head_dim)
                 or cos.dtype != qkv.dtype or sin.dtype != qkv.dtype
                 or not (cos.is_contiguous() and sin.is_contiguous())):
             return False
-        rope_fn(int(qkv.dtype == torch.bfloat16), qkv.data_ptr(), B * T, T, heads, qkv.stride(1), head_dim,
+        rope_fn(int(qkv.dtype == torch.bfloat16), qkv.data_ptr(), B * T, rows, heads, qkv.stride(1), head_dim,
                 cos.data_ptr(), sin.data_ptr(), torch.get_num_threads())
         return True
 

@@ -14,6 +14,8 @@
  * q: element (b, h, t, d) at q[b*qsb + h*qsh + t*qst + d]; likewise k and v (b, kv head, position j, d) for
  * positions 0..start+T-1 (key j holds position j). out: (B, T, H, 64) contiguous. Query t is at position
  * start + t and sees keys 0..start+t. Heads h use kv head h / (H / Hkv).
+ * Packed rows (several sequences sharing a prefix in one row, eval/engine.py): with lo (B, T) and shared (B,) given,
+ * query t of row b also skips keys shared[b] <= j < lo[b, t] (the other sequences' tokens); NULL: plain causal.
  */
 #include <math.h>
 #include <stdint.h>
@@ -59,7 +61,13 @@ typedef struct {
     uint16_t *out;
     int64_t B, H, Hkv, T, start, Lk, Lv2; /* Lk: keys rounded to 32 (pairs of 16-key chunks); Lv2: to 2 */
     float scale;
+    const int64_t *lo, *shared; /* packed rows, or NULL */
 } job_t;
+
+/* keys kb..kb+15 a query at position pos may see: causal, minus the hole [shared, lo) of a packed row */
+static inline __mmask16 visible(int64_t kb, int64_t pos, int64_t lo, int64_t shared) {
+    return first_n(pos - kb + 1) & (__mmask16)~(first_n(lo - kb) & (__mmask16)~first_n(shared - kb));
+}
 
 /* Query positions t0..t1-1 of (b, kv head hk), all G heads: scores, softmax, P.V. s/pb: per-thread scratch. */
 static void work_item(const job_t *j, int64_t b, int64_t hk, int64_t t0, int64_t t1, float *s, uint16_t *pb) {
@@ -68,11 +76,12 @@ static void work_item(const job_t *j, int64_t b, int64_t hk, int64_t t0, int64_t
     for (int64_t r0 = 0; r0 < rows; r0 += ROWS) {
         const int nr = rows - r0 < ROWS ? (int)(rows - r0) : ROWS;
         const uint16_t *qr[ROWS];
-        int64_t pos[ROWS];
+        int64_t pos[ROWS], lo[ROWS], shared = j->shared ? j->shared[b] : 0;
         for (int i = 0; i < ROWS; i++) {
             const int64_t r = r0 + (i < nr ? i : 0), t = t0 + r / G, h = hk * G + r % G;
             qr[i] = j->q + b * j->qsb + h * j->qsh + t * j->qst;
             pos[i] = j->start + t;
+            lo[i] = j->lo ? j->lo[b * j->T + t] : 0;
         }
         const int64_t last = pos[nr - 1]; /* rows are ordered by position: the last sees the most keys */
         /* scores: 16 keys per vector, (d, d+1) pairs per vdpbf16ps; two 16-key chunks at a time, so each
@@ -97,9 +106,10 @@ static void work_item(const job_t *j, int64_t b, int64_t hk, int64_t t0, int64_t
             for (int i = 0; i < ROWS; i++) {
                 if (i >= nr) continue;
                 float *si = s + (r0 + i) * Lk + c * 16;
-                _mm512_store_ps(si, _mm512_mask_blend_ps(first_n(pos[i] - c * 16 + 1), _mm512_set1_ps(-INFINITY),
+                _mm512_store_ps(si, _mm512_mask_blend_ps(visible(c * 16, pos[i], lo[i], shared), _mm512_set1_ps(-INFINITY),
                                                          _mm512_mul_ps(acc0[i], _mm512_set1_ps(j->scale))));
-                _mm512_store_ps(si + 16, _mm512_mask_blend_ps(first_n(pos[i] - c * 16 - 15), _mm512_set1_ps(-INFINITY),
+                _mm512_store_ps(si + 16, _mm512_mask_blend_ps(visible(c * 16 + 16, pos[i], lo[i], shared),
+                                                              _mm512_set1_ps(-INFINITY),
                                                               _mm512_mul_ps(acc1[i], _mm512_set1_ps(j->scale))));
             }
         }
@@ -155,7 +165,7 @@ int edgellm_attention_bf16(const uint16_t *q, int64_t qsb, int64_t qsh, int64_t 
                            const uint16_t *k, int64_t ksb, int64_t ksh, int64_t kst,
                            const uint16_t *v, int64_t vsb, int64_t vsh, int64_t vst,
                            uint16_t *out, int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t start,
-                           int64_t head_dim, float scale, int threads) {
+                           int64_t head_dim, float scale, const int64_t *lo, const int64_t *shared, int threads) {
     if (head_dim != D || H % Hkv || T < 1 || start < 0) return 1;
     const int64_t L = start + T, Lk = (L + 31) / 32 * 32, Lv2 = (L + 1) / 2 * 2, G = H / Hkv;
     /* keys as [16-key chunk][d pair][16 keys][2]; values as [key pair][d][2] (zero past L) */
@@ -176,7 +186,7 @@ int edgellm_attention_bf16(const uint16_t *q, int64_t qsb, int64_t qsh, int64_t 
             for (int64_t jj = 0; jj < Lv2; jj++)
                 for (int64_t d = 0; d < D; d++) vd[(jj / 2) * 2 * D + d * 2 + (jj % 2)] = jj < L ? vv[jj * vst + d] : 0;
         }
-    const job_t job = {q, qsb, qsh, qst, kp, vp, out, B, H, Hkv, T, start, Lk, Lv2, scale};
+    const job_t job = {q, qsb, qsh, qst, kp, vp, out, B, H, Hkv, T, start, Lk, Lv2, scale, lo, shared};
     const int64_t blocks = (T + QPOS - 1) / QPOS;
     int failed = 0;
 #pragma omp parallel num_threads(threads)

@@ -11,7 +11,8 @@
  *
  * q: element (b, h, t, d) at q[b*qsb + h*qsh + t*qst + d]; likewise k and v (b, kv head, position j, d) for
  * positions 0..start+T-1 (key j holds position j). out: (B, T, H, 64) contiguous. Query t is at position
- * start + t and sees keys 0..start+t. Heads h use kv head h / (H / Hkv).
+ * start + t and sees keys 0..start+t. Heads h use kv head h / (H / Hkv). Packed rows: as attention_bf16.c (with
+ * lo (B, T) and shared (B,), query t of row b also skips keys shared[b] <= j < lo[b, t]).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -71,7 +72,13 @@ typedef struct {
     float *out;
     int64_t B, H, Hkv, T, start, Lk, L;
     float scale;
+    const int64_t *lo, *shared; /* packed rows, or NULL */
 } job_t;
+
+/* keys kb..kb+7 a query at position pos may see: causal, minus the hole [shared, lo) of a packed row */
+static inline __m256 visible(int64_t kb, int64_t pos, int64_t lo, int64_t shared) {
+    return _mm256_andnot_ps(_mm256_andnot_ps(first_n(shared - kb), first_n(lo - kb)), first_n(pos - kb + 1));
+}
 
 /* Query positions t0..t1-1 of (b, kv head hk), all G heads. s: per-thread (rows, Lk) scratch. */
 static void work_item(const job_t *j, int64_t b, int64_t hk, int64_t t0, int64_t t1, float *s) {
@@ -80,11 +87,12 @@ static void work_item(const job_t *j, int64_t b, int64_t hk, int64_t t0, int64_t
     for (int64_t r0 = 0; r0 < rows; r0 += ROWS) {
         const int nr = rows - r0 < ROWS ? (int)(rows - r0) : ROWS;
         const float *qr[ROWS];
-        int64_t pos[ROWS];
+        int64_t pos[ROWS], lo[ROWS], shared = j->shared ? j->shared[b] : 0;
         for (int i = 0; i < ROWS; i++) {
             const int64_t r = r0 + (i < nr ? i : 0), t = t0 + r / G, h = hk * G + r % G;
             qr[i] = j->q + b * j->qsb + h * j->qsh + t * j->qst;
             pos[i] = j->start + t;
+            lo[i] = j->lo ? j->lo[b * j->T + t] : 0;
         }
         const int64_t last = pos[nr - 1]; /* rows are ordered by position: the last sees the most keys */
         /* scores: keys packed [8-key chunk][d][8 keys]; two chunks at a time, so each broadcast query element
@@ -107,9 +115,9 @@ static void work_item(const job_t *j, int64_t b, int64_t hk, int64_t t0, int64_t
                 if (i >= nr) continue;
                 float *si = s + (r0 + i) * Lk + c * 8;
                 _mm256_store_ps(si, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_mul_ps(acc0[i], _mm256_set1_ps(j->scale)),
-                                                     first_n(pos[i] - c * 8 + 1)));
+                                                     visible(c * 8, pos[i], lo[i], shared)));
                 _mm256_store_ps(si + 8, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_mul_ps(acc1[i], _mm256_set1_ps(j->scale)),
-                                                         first_n(pos[i] - c * 8 - 7)));
+                                                         visible(c * 8 + 8, pos[i], lo[i], shared)));
             }
         }
         /* softmax per row over its keys 0..pos, probabilities left in s (zero past pos up to the last row's) */
@@ -159,7 +167,7 @@ int edgellm_attention_f32(const float *q, int64_t qsb, int64_t qsh, int64_t qst,
                           const float *k, int64_t ksb, int64_t ksh, int64_t kst,
                           const float *v, int64_t vsb, int64_t vsh, int64_t vst,
                           float *out, int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t start,
-                          int64_t head_dim, float scale, int threads) {
+                          int64_t head_dim, float scale, const int64_t *lo, const int64_t *shared, int threads) {
     if (head_dim != D || H % Hkv || T < 1 || start < 0) return 1;
     const int64_t L = start + T, Lk = (L + 15) / 16 * 16, G = H / Hkv;
     /* keys as [8-key chunk][d][8 keys] (zero past L, to a whole pair of chunks); values contiguous (L, d) */
@@ -175,7 +183,7 @@ int edgellm_attention_f32(const float *q, int64_t qsb, int64_t qsh, int64_t qst,
                 for (int64_t d = 0; d < D; d++) kd[(jj / 8) * 8 * D + d * 8 + jj % 8] = jj < L ? kk[jj * kst + d] : 0.0f;
             for (int64_t jj = 0; jj < L; jj++) memcpy(vd + jj * D, vv + jj * vst, D * sizeof(float));
         }
-    const job_t job = {q, qsb, qsh, qst, kp, vp, out, B, H, Hkv, T, start, Lk, L, scale};
+    const job_t job = {q, qsb, qsh, qst, kp, vp, out, B, H, Hkv, T, start, Lk, L, scale, lo, shared};
     const int64_t blocks = (T + QPOS - 1) / QPOS;
     int failed = 0;
 #pragma omp parallel num_threads(threads)

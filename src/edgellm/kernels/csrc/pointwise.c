@@ -102,8 +102,9 @@ void edgellm_silu_mul(int bf16, const void *gu, void *out, int64_t rows, int64_t
 
 /* RoPE in place on the q and k heads of a fused projection (model.apply_rope, HF's half split): row r = b T + t
  * holds `heads` heads of D values at x + r * stride (the q heads, then the k heads: v follows, untouched);
- * cos, sin (T, D) in x's dtype, sin carrying rotate_half's sign ([-sin, sin]). Each head's halves are read
- * before either is written, so in place is safe. */
+ * cos, sin (T, D) in x's dtype, sin carrying rotate_half's sign ([-sin, sin]), row r % T for row r (T = rows: a
+ * table row per token, for packed rows). Each head's halves are read before either is written, so in place is
+ * safe. */
 void edgellm_rope(int bf16, void *x, int64_t rows, int64_t T, int64_t heads, int64_t stride, int64_t D,
                   const void *cos, const void *sin, int threads) {
     const int64_t h = D / 2;
