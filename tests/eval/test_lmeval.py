@@ -205,6 +205,25 @@ def test_group_requests_shares_questions_and_fewshot_prefixes():
     assert sorted(len(g) for g in group_requests(long)) == [4, 4]  # each question's 4 choices share 2000 tokens
 
 
+def test_batched_generation_equals_each_request_alone(ours, monkeypatch):
+    """generate_until decodes its requests together (serve engine, continuous batching) and gives each the text
+    llm.generate gives it alone: stop strings, lengths and the model's own caches afterwards included."""
+    from types import SimpleNamespace
+
+    from edgellm.eval import lmeval
+
+    monkeypatch.setattr(lmeval, "GEN_ROWS", 2)  # fewer rows than requests: rows are reused
+    reqs = [SimpleNamespace(args=("Question: What is the capital of France?\nAnswer:",
+                                  {"until": ["\n"], "max_gen_toks": 12})),
+            SimpleNamespace(args=("The three primary colors are", {"until": ["."], "max_gen_toks": 20})),
+            SimpleNamespace(args=("Once upon a time", {"until": [], "max_gen_toks": 7})),
+            SimpleNamespace(args=("1, 2, 3, 4,", {"until": [" 7"], "max_gen_toks": 16}))]
+    got = ours.generate_until(reqs)
+    alone = [ours.generate_until([r])[0] for r in reqs]                 # one request: llm.generate
+    assert got == alone and sum(map(bool, got)) >= 3
+    assert "\n" not in got[0] and "." not in got[1] and " 7" not in got[3]
+
+
 def test_one_forward_row_per_distinct_input(ours):
     """Requests whose inputs are the same (one-token continuations of one context) share a row, as lm-eval's
     logits cache does; results still come back per request, in order."""

@@ -32,6 +32,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from ..errors import InvalidArgumentError
+from ..generate import SamplingParams
 from .cache import ResultStore, item_key
 from .data import find_data_dir
 from .engine import DEFAULT_BATCH_TOKENS, MIN_SHARED_PREFIX, Request, Runner, common_prefix_len
@@ -43,6 +44,7 @@ TASKS_DIR = Path(__file__).resolve().parent / "lmeval_tasks"
 # many rows (few-shot blocks: MMLU, TruthfulQA's 6-shot prompt) are worth it.
 SHARE_COST = 4096
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's default for `hf`
+GEN_ROWS = 8  # generate_until: requests decoded together (continuous batching, serve/engine.py)
 
 LLRequest = tuple[Any, list[int], list[int]]  # ((context, continuation) or None, context ids, continuation ids)
 
@@ -230,10 +232,12 @@ class EdgeLLM(TemplateLM):
 
     # ------------------------------------------------------------------ generation
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        """Each request's continuation until a stop string or max_gen_toks; GEN_ROWS requests decode together
+        through the serving engine's continuous batching (each row's tokens are its own: a batched answer equals
+        the request alone, as served), a single request through `llm.generate`."""
         eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
-        out = []
-        for context, gen_kwargs in tqdm([r.args for r in requests], desc="edgellm generate_until",
-                                        disable=disable_tqdm or not self.progress, leave=False):
+        prompts, stops = [], []
+        for context, gen_kwargs in [r.args for r in requests]:
             kwargs = dict(normalize_gen_kwargs(gen_kwargs, self.max_gen_toks))
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_new = int(kwargs.pop("max_gen_toks"))
@@ -246,11 +250,54 @@ class EdgeLLM(TemplateLM):
                 sampling.update(temperature=float(kwargs.pop("temperature", 1.0)) or 1.0,
                                 top_p=float(kwargs.pop("top_p", 1.0)), top_k=int(kwargs.pop("top_k", 0) or 0),
                                 seed=kwargs.pop("seed", None))
-            text = self.llm.generate(ids, **sampling)
+            prompts.append((ids, SamplingParams.from_kwargs(**sampling)))
+            stops.append(until)
+        progress = self.progress and not disable_tqdm
+        if len(prompts) == 1:
+            texts = [self.llm.generate(ids, **vars(p)) for ids, p in tqdm(
+                prompts, desc="edgellm generate_until", disable=not progress, leave=False)]
+        else:
+            texts = self._generate_batched(prompts, progress)
+        out = []
+        for req, text, until in zip(requests, texts, stops, strict=True):
             text = postprocess_generated_text(text, until, None)
             out.append(text)
-            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+            self.cache_hook.add_partial("generate_until", req.args, text)
         return out
+
+    def _generate_batched(self, prompts: list[tuple[list[int], SamplingParams]], progress: bool) -> list[str]:
+        from ..serve.engine import Engine
+        from ..serve.engine import Request as GenRequest
+
+        model = self.llm.model
+        saved = [layer.self_attn.cache for layer in model.layers]  # llm.generate's caches, put back after
+        ctx = max(len(ids) + p.max_new_tokens for ids, p in prompts) + 1
+        engine = Engine(model, self.llm.tokenizer, parallel=min(GEN_ROWS, len(prompts)), ctx=ctx,
+                        max_queue=len(prompts))
+        pieces: list[list[str]] = [[] for _ in prompts]
+        errors: list[str] = []
+        bar = tqdm(total=len(prompts), desc="edgellm generate_until", disable=not progress, leave=False)
+
+        def emitter(i: int) -> Any:
+            def emit(kind: str, payload: Any) -> None:
+                if kind == "tokens":
+                    pieces[i].extend(t.text for t in payload)
+                    return
+                if kind == "error":
+                    errors.append(payload)
+                bar.update(1)
+            return emit
+
+        for i, (ids, params) in enumerate(prompts):
+            engine.submit(GenRequest(ids, params, emitter(i)))
+        try:
+            engine.run_until_done()
+        finally:
+            bar.close()
+            model.use_caches(saved)
+        if errors:
+            raise RuntimeError(f"generate_until: {errors[0]}")
+        return ["".join(p) for p in pieces]
 
 
 # ---------------------------------------------------------------------------------------------- tasks

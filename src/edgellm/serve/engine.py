@@ -157,6 +157,25 @@ class Engine:
             raise box["error"]
         return box["value"]
 
+    def run_until_done(self) -> None:
+        """Batch jobs (evaluation): run steps on the calling thread until every submitted request has finished.
+        Nothing else may drive this engine meanwhile; an exception in a step propagates (no request is failed
+        quietly)."""
+        with torch.inference_mode():
+            while True:
+                while True:
+                    try:
+                        item = self.inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    if isinstance(item, Request):
+                        self.waiting.append(item)
+                    else:
+                        item()
+                if not (self.running or self.waiting):
+                    return
+                self._step()
+
     # ------------------------------------------------------------------ the engine thread
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
