@@ -163,6 +163,11 @@ def test_half_precision_training_attention_has_sdpa_gradients(monkeypatch):
     torch.testing.assert_close(xb.grad.float(), x.grad, atol=0.05 * x.grad.abs().max().item(), rtol=0.05)
     w_got, w_want = attn_bf16.qkv_proj.weight.grad.float(), attn.qkv_proj.weight.grad
     assert (w_got - w_want).abs().max() < 0.05 * w_want.abs().max()
+    # past the memory budget for saved probabilities (long sequences), training keeps torch's flash kernel
+    calls.clear()
+    monkeypatch.setattr(model, "TRAIN_ATTN_BYTES", 2 * 4 * 200 * 200)
+    attn_bf16(xb, cos, sin, 0, False).sum().backward()
+    assert not calls
 
 
 def test_blocked_attention_result_does_not_depend_on_the_block_size(monkeypatch):

@@ -133,9 +133,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> 
     return x * cos + torch.cat((x[..., h:], x[..., :h]), dim=-1) * sin_signed
 
 
+TRAIN_ATTN_BYTES = 16 << 20  # bf16 training takes blocked_causal_attention while a layer keeps at most this much
 ATTN_BLOCK = 64             # query rows per block of blocked_causal_attention (64 beat 32 and 128 at 2048 tokens)
 ATTN_BLOCK_WIDE = 128       # ... or twice that while the block's scores stay this small:
 ATTN_SCORE_BYTES = 1_200_000  # (an L2-sized (heads, rows, keys) tile: 128 rows won at 512 tokens, 4-5 %)
+
+
+def blocked_training_attention(batch: int, heads: int, T: int, bytes_per_value: int = 2) -> bool:
+    """Whether half-precision training of T tokens takes blocked_causal_attention: its backward keeps each block's
+    probabilities (~T (T + ATTN_BLOCK_WIDE) / 2 values per sequence and head, quadratic in T), so long sequences
+    keep torch's flash kernel (linear memory, slower in bf16). The memory calculator uses the same rule."""
+    return batch * heads * T * (T + ATTN_BLOCK_WIDE) // 2 * bytes_per_value <= TRAIN_ATTN_BYTES
 
 
 def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
@@ -238,7 +246,8 @@ class Attention(nn.Module):
             y = causal_attention(q, k_all, v_all, start)  # (B, T, H, D), or None: SDPA below
             if y is not None:
                 return self.o_proj(y.reshape(B, T, self.cfg.q_size))
-        elif contiguous and T > 1 and x.dtype in (torch.bfloat16, torch.float16) and not torch.compiler.is_compiling():
+        elif (contiguous and T > 1 and x.dtype in (torch.bfloat16, torch.float16) and not torch.compiler.is_compiling()
+              and blocked_training_attention(B, H, start + T)):
             # Half-precision training: bf16 GEMMs over the visible keys of each block of queries, with autograd.
             # torch's CPU flash-attention kernel runs bf16 at fp32 speed; forward + backward of the default model
             # at 4 x 256 tokens took ~1 s of a 3.6 s LoRA step there (see blocked_causal_attention).

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from ..config import ModelConfig
 from ..info import GB, count_parameters
-from ..model import ATTN_BLOCK_WIDE
+from ..model import ATTN_BLOCK_WIDE, blocked_training_attention
 
 METHODS = ("full", "lora", "qlora")
 QLORA_BITS = 5.0        # Q4_1 / int4 g32 with fp16 scale + minimum per 32 weights
@@ -58,17 +58,17 @@ def lora_parameters(config: ModelConfig, r: int = 16, targets: tuple[str, ...] =
 
 
 def activation_bytes_per_token(config: ModelConfig, b: int, targets: tuple[str, ...], lora: bool,
-                               grad_checkpoint: bool = False, seqlen: int = 0) -> float:
-    """Bytes autograd keeps per token for one decoder layer (b: bytes per activation value; seqlen: the training
-    sequence length, which sets the half-precision attention's saved probabilities)."""
+                               grad_checkpoint: bool = False, seqlen: int = 0, batch: int = 1) -> float:
+    """Bytes autograd keeps per token for one decoder layer (b: bytes per activation value; seqlen and batch: the
+    training shape, which decides the half-precision attention path and its saved probabilities)."""
     c = config
     C, q, kv, inter, H = c.hidden_size, c.q_size, c.kv_size, c.intermediate_size, c.num_heads
     if grad_checkpoint:
         return b * C  # the layer input only; one layer's full set is recomputed at a time
     norms = 2 * (4 * C + 4 + b * C)                     # fp32 input + rsqrt, normalised output (x2 norms)
     attn = b * (q + 2 * kv) + b * (q + kv) + 2 * b * q  # qkv out, rotated q/k, attention out + copy
-    if b == 4:
-        attn += 4 * H                                   # fp32: SDPA's log-sum-exp
+    if b == 4 or not blocked_training_attention(batch, H, seqlen, b):
+        attn += 4 * H                                   # SDPA's log-sum-exp
     else:  # half precision: model.blocked_causal_attention keeps the scaled q and each block's probabilities over
         # the keys it sees (a query at position t of a block of `ATTN_BLOCK_WIDE` rows: up to the block's end)
         attn += b * q + b * H * (seqlen + ATTN_BLOCK_WIDE) / 2
@@ -95,11 +95,11 @@ def training_memory(config: ModelConfig, method: str, seqlen: int, batch: int, r
     tokens = seqlen * batch
     layers = config.num_layers
     per_tok = activation_bytes_per_token(config, 4 if method == "full" else compute_bytes, targets,
-                                         method != "full", grad_checkpoint, seqlen)
+                                         method != "full", grad_checkpoint, seqlen, batch)
     acts = tokens * layers * per_tok + tokens * config.hidden_size * 4 + CE_CHUNK_BYTES
     if grad_checkpoint:
         acts += tokens * activation_bytes_per_token(config, compute_bytes, targets, method != "full",
-                                                    seqlen=seqlen)
+                                                    seqlen=seqlen, batch=batch)
     if method == "full":
         return TrainingMemory(method, 4 * P, 4 * P, 8 * P, acts)
     L = lora_parameters(config, r, targets)
