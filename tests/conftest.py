@@ -31,6 +31,24 @@ TINY_CONFIGS = {
 }
 
 
+def random_llama(vocab: int, head_dim: int, dtype: torch.dtype, seed: int, hidden: int | None = None,
+                 max_seq_len: int = 128):
+    """An in-memory Llama Transformer (2 layers, 4 heads, 2 kv heads) with N(0, 0.1) weights, RoPE tables built,
+    in `dtype`, eval mode: for tests of the model's own code paths (no checkpoint needed)."""
+    from edgellm.config import ModelConfig
+    from edgellm.model import Transformer
+
+    cfg = ModelConfig(arch="llama", vocab_size=vocab, hidden_size=hidden or 4 * head_dim, intermediate_size=96,
+                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=head_dim, max_seq_len=max_seq_len)
+    torch.manual_seed(seed)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.1 * torch.randn_like(p))
+    model.init_rope()
+    return model.to(dtype).eval()
+
+
 def byte_level_tokenizer_json(vocab_size: int) -> str:
     """A byte-level BPE tokenizer.json with specials <unk>, <s>, </s> and a few merges, sized <= vocab_size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -98,18 +98,10 @@ def test_packed_rows_give_each_sequence_its_own_logits(head_dim, dtype):
     """A row holding a shared prefix once, then three continuations (each at the positions after the prefix, seeing
     the prefix and itself): every token's logits are those of that sequence run alone. Head dim 64 takes the C
     attention kernels where built, 32 the masked SDPA; fp32 within float noise, bf16 within bf16 rounding."""
-    from edgellm.config import ModelConfig
-    from edgellm.model import Packed, Transformer
+    from edgellm.model import Packed
+    from tests.conftest import random_llama
 
-    cfg = ModelConfig(arch="llama", vocab_size=128, hidden_size=4 * head_dim, intermediate_size=96, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=head_dim, max_seq_len=128)
-    torch.manual_seed(1)
-    model = Transformer(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.1 * torch.randn_like(p))
-    model.init_rope()
-    model = model.to(dtype).eval()
+    model = random_llama(vocab=128, head_dim=head_dim, dtype=dtype, seed=1)
     g = torch.Generator().manual_seed(2)
     prefix = torch.randint(0, 128, (13,), generator=g).tolist()
     tails = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (5, 1, 9)]

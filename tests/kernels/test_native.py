@@ -378,25 +378,16 @@ def test_model_uses_the_pointwise_kernels_only_outside_autograd_and_compile(poin
 def test_prefill_rotates_in_c_with_the_same_bits(pointwise, monkeypatch, dtype):
     """Attention.forward hands RoPE to the kernel (in place on the fused projection) outside autograd, and the
     logits are those of the torch formula, bit for bit."""
-    from edgellm.config import ModelConfig
-    from edgellm.model import Transformer
+    from tests.conftest import random_llama
 
-    cfg = ModelConfig(arch="llama", vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
-                      num_kv_heads=2, head_dim=16, max_seq_len=64)
-    torch.manual_seed(3)
-    model = Transformer(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.1 * torch.randn_like(p))
-    model.init_rope()
-    model = model.to(dtype).eval()
+    model = random_llama(vocab=96, head_dim=16, dtype=dtype, seed=3, max_seq_len=64)
     ids = torch.randint(0, 96, (2, 21))
     calls = []
     spy = pointwise._replace(rope_=lambda *a: calls.append("rope") or pointwise.rope_(*a))
     monkeypatch.setattr(native, "pointwise", lambda: spy)
     with torch.no_grad():
         fast = model(ids)
-    assert calls.count("rope") == cfg.num_layers
+    assert calls.count("rope") == model.config.num_layers
     monkeypatch.setattr(native, "pointwise", lambda: pointwise._replace(rope_=lambda *a: False))
     with torch.no_grad():
         slow = model(ids)                             # the kernel declines: torch's apply_rope

@@ -333,19 +333,24 @@ q4_rows(const uint8_t *qs, const uint16_t *dm, int64_t nb, const int rows, const
     }
 }
 
-/* q4_rows with the row count a constant (the accumulators stay in registers; with a run-time count and an early
- * exit they lived on the stack) */
+/* fn (an always-inline rows kernel) called with its row count a compile-time constant, so its accumulators stay in
+ * registers (with a run-time count and an early exit they lived on the stack) */
+#define CONST_ROWS(fn, qs, scales, nb, rows, xq, xd, xs, K, out)                     \
+    do {                                                                             \
+        if ((rows) >= MR)                                                            \
+            fn(qs, scales, nb, MR, xq, xd, xs, K, out);                              \
+        else if ((rows) == 3)                                                        \
+            fn(qs, scales, nb, 3, xq, xd, xs, K, out);                               \
+        else if ((rows) == 2)                                                        \
+            fn(qs, scales, nb, 2, xq, xd, xs, K, out);                               \
+        else                                                                         \
+            fn(qs, scales, nb, 1, xq, xd, xs, K, out);                               \
+    } while (0)
+
 __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl"))) static void q4_group_rows_avx512vnni(
     const uint8_t *qs, const uint16_t *dm, int64_t nb, int64_t rows, const int8_t *xq, const float *xd,
     const float *xs, int64_t K, __m128 *out) {
-    if (rows >= MR)
-        q4_rows(qs, dm, nb, MR, xq, xd, xs, K, out);
-    else if (rows == 3)
-        q4_rows(qs, dm, nb, 3, xq, xd, xs, K, out);
-    else if (rows == 2)
-        q4_rows(qs, dm, nb, 2, xq, xd, xs, K, out);
-    else
-        q4_rows(qs, dm, nb, 1, xq, xd, xs, K, out);
+    CONST_ROWS(q4_rows, qs, dm, nb, rows, xq, xd, xs, K, out);
 }
 
 Q8_GROUP(q8_group_avx2, DOT_AVX2, )
@@ -425,18 +430,10 @@ AVX512VNNI static inline __attribute__((always_inline)) void q8_rows(
     }
 }
 
-/* q8_rows with the row count a constant (the accumulators stay in registers) */
 AVX512VNNI static void q8_group_rows_avx512vnni(const int8_t *qs, const uint16_t *d, int64_t nb, int64_t rows,
                                                 const int8_t *xq, const float *xd, const float *xs, int64_t K,
                                                 __m128 *out) {
-    if (rows >= MR)
-        q8_rows(qs, d, nb, MR, xq, xd, xs, K, out);
-    else if (rows == 3)
-        q8_rows(qs, d, nb, 3, xq, xd, xs, K, out);
-    else if (rows == 2)
-        q8_rows(qs, d, nb, 2, xq, xd, xs, K, out);
-    else
-        q8_rows(qs, d, nb, 1, xq, xd, xs, K, out);
+    CONST_ROWS(q8_rows, qs, d, nb, rows, xq, xd, xs, K, out);
 }
 
 /* Weight group g (4 rows) against up to MR (AVX512-VNNI) or MR2 (AVX2) activation rows: the rows functions above. */
