@@ -182,9 +182,11 @@ def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return y.view(B, H, T, D)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor | None:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                     segments: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
     """Prefill attention (arguments as blocked_causal_attention) -> (B, T, H, D), or None for fp32 without the
-    C kernel (the caller's SDPA is then the fastest torch path).
+    C kernel (the caller's SDPA is then the fastest torch path). segments: Packed rows' (lo, shared) (start 0);
+    only the C kernels take them, None otherwise (the caller's SDPA then takes the explicit mask).
 
     Head dim 64 runs our C kernels where they could be built: bf16 with AVX512-BF16 dot products
     (csrc/attention_bf16.c, 2-3x faster than the torch path at 512 tokens; fp32 scores, so it differs from
@@ -192,10 +194,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: i
     half-precision cases take blocked_causal_attention."""
     if q.shape[-1] == native.ATTENTION_HEAD_DIM and q.dtype in (torch.bfloat16, torch.float32):
         attend = native.attention_bf16() if q.dtype == torch.bfloat16 else native.attention_f32()
-        y = attend(q, k, v, start) if attend is not None else None
+        y = attend(q, k, v, start, segments) if attend is not None else None
         if y is not None:
             return y
-    if q.dtype == torch.float32:
+    if q.dtype == torch.float32 or segments is not None:
         return None
     return blocked_causal_attention(q, k, v, start).transpose(1, 2)
 
@@ -213,24 +215,30 @@ class Attention(nn.Module):
         # attribute so the compiled steps' fingerprint records which path they traced
         self.cache_kernel = False
 
+    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> q (B, H, T, D), k, v (B, Hkv, T, D), q and k rotated by cos/sin: (T, D) rows per position
+        or (B, T, D) per token."""
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
+        qkv = self.qkv_proj(x)                                          # (B, T, (H + 2 Hkv) D)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        # q and k are adjacent in the fused projection: rotate both heads' sets in one pass (in place in C, the
+        # same bits as apply_rope, where no gradient needs the unrotated values).
+        qk = qkv[..., :self.cfg.q_size + self.cfg.kv_size].view(B, T, H + Hkv, D)
+        kernels = native.pointwise() if _eager_inference(qkv) else None
+        if kernels is None or not kernels.rope_(qkv, H + Hkv, D, cos.reshape(-1, D), sin.reshape(-1, D)):
+            qk = apply_rope(qk, cos.unsqueeze(-2), sin.unsqueeze(-2))    # (B, T, H + Hkv, D)
+        q = qk[:, :, :H].transpose(1, 2)                                # (B, H, T, D)
+        k = qk[:, :, H:].transpose(1, 2)                                # (B, Hkv, T, D)
+        v = qkv[..., self.cfg.q_size + self.cfg.kv_size:].view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        return q, k, v
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
                 use_cache: bool) -> torch.Tensor:
         """x (B, T, C) at positions start..; cos/sin: (T, D) rows of the model's RoPE tables."""
         B, T, _ = x.shape
-        H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
-        qkv = self.qkv_proj(x)                                          # (B, T, (H + 2 Hkv) D)
-        # q and k are adjacent in the fused projection: rotate both heads' sets in one pass (in place in C, the
-        # same bits as apply_rope, where no gradient needs the unrotated values).
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        kernels = native.pointwise() if _eager_inference(qkv) else None
-        if kernels is not None and kernels.rope_(qkv, H + Hkv, D, cos, sin):
-            qk = qkv[..., :self.cfg.q_size + self.cfg.kv_size].view(B, T, H + Hkv, D)
-        else:
-            qk = qkv[..., :self.cfg.q_size + self.cfg.kv_size].view(B, T, H + Hkv, D)
-            qk = apply_rope(qk, cos[:, None], sin[:, None])              # (B, T, H + Hkv, D)
-        q = qk[:, :, :H].transpose(1, 2)                                # (B, H, T, D)
-        k = qk[:, :, H:].transpose(1, 2)                                # (B, Hkv, T, D)
-        v = qkv[..., self.cfg.q_size + self.cfg.kv_size:].view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k, v = self._project(x, cos, sin)
 
         if use_cache:
             if self.cache is None:
@@ -247,7 +255,7 @@ class Attention(nn.Module):
             if y is not None:
                 return self.o_proj(y.reshape(B, T, self.cfg.q_size))
         elif (contiguous and T > 1 and x.dtype in (torch.bfloat16, torch.float16) and not torch.compiler.is_compiling()
-              and blocked_training_attention(B, H, start + T)):
+              and blocked_training_attention(B, self.n_heads, start + T)):
             # Half-precision training: bf16 GEMMs over the visible keys of each block of queries, with autograd.
             # torch's CPU flash-attention kernel runs bf16 at fp32 speed; forward + backward of the default model
             # at 4 x 256 tokens took ~1 s of a 3.6 s LoRA step there (see blocked_causal_attention).
@@ -267,29 +275,17 @@ class Attention(nn.Module):
                                            enable_gqa=self.n_kv != self.n_heads)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.cfg.q_size))
 
-
     def forward_packed(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, packed: Packed) -> torch.Tensor:
         """x (B, T, C) of packed rows (see Packed); cos/sin (B, T, D): the RoPE rows of each token's position."""
         B, T, _ = x.shape
-        H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
-        qkv = self.qkv_proj(x)                                          # (B, T, (H + 2 Hkv) D)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        qk = qkv[..., :self.cfg.q_size + self.cfg.kv_size].view(B, T, H + Hkv, D)
-        kernels = native.pointwise() if _eager_inference(qkv) else None
-        if kernels is None or not kernels.rope_(qkv, H + Hkv, D, cos.reshape(B * T, D), sin.reshape(B * T, D)):
-            qk = apply_rope(qk, cos[:, :, None], sin[:, :, None])       # (B, T, H + Hkv, D)
-        q = qk[:, :, :H].transpose(1, 2)                                # (B, H, T, D)
-        k = qk[:, :, H:].transpose(1, 2)                                # (B, Hkv, T, D)
-        v = qkv[..., self.cfg.q_size + self.cfg.kv_size:].view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k, v = self._project(x, cos, sin)
         segments = (packed.lo, packed.shared)
-        if D == native.ATTENTION_HEAD_DIM and x.dtype in (torch.bfloat16, torch.float32) and _eager_inference(q, v):
-            attend = native.attention_bf16() if x.dtype == torch.bfloat16 else native.attention_f32()
-            y = attend(q, k, v, 0, segments) if attend is not None else None  # (B, T, H, D)
-            if y is not None:
-                return self.o_proj(y.reshape(B, T, self.cfg.q_size))
-        mask = native.segment_mask(T, 0, segments)                      # (B, 1, T, T)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.cfg.q_size))
+        y = causal_attention(q, k, v, 0, segments) if _eager_inference(q, v) else None  # (B, T, H, D)
+        if y is None:
+            mask = native.segment_mask(T, 0, segments)                  # (B, 1, T, T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                               enable_gqa=self.n_kv != self.n_heads).transpose(1, 2)
+        return self.o_proj(y.reshape(B, T, self.cfg.q_size))
 
     def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """T new tokens per sequence (x (B, T, C) at positions pos (T,); T = 1 to decode, more to verify

@@ -161,15 +161,14 @@ def plan(groups: Sequence[Sequence[Request]], batch_tokens: int = DEFAULT_BATCH_
         out.prefix.append(lcp)
         if pack and not lcp:
             packed = sorted(pack_rows(reqs), key=lambda row: (-row.length, row.requests[0].key))
-            cur_rows: list[PackedRow] = []
-            for row in packed:  # longest first; a batch ends where padding to its width would waste > 1/5
-                if cur_rows and (cur_rows[0].length * (len(cur_rows) + 1) > batch_tokens or len(cur_rows) >= max_rows
-                                 or row.length * 5 < cur_rows[0].length * 4):
-                    out.batches.append(Batch(gi, [r for rr in cur_rows for r in rr.requests], cur_rows))
-                    cur_rows = []
-                cur_rows.append(row)
-            if cur_rows:
-                out.batches.append(Batch(gi, [r for rr in cur_rows for r in rr.requests], cur_rows))
+            cuts = [0]
+            for i, row in enumerate(packed):  # longest first; a batch ends where padding to its width would waste > 1/5
+                width, n = packed[cuts[-1]].length, i - cuts[-1]
+                if n and (width * (n + 1) > batch_tokens or n >= max_rows or row.length * 5 < width * 4):
+                    cuts.append(i)
+            bounds = [*cuts, len(packed)]
+            out.batches += [Batch(gi, [r for row in packed[a:b] for r in row.requests], packed[a:b])
+                            for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
             continue
         rows_cap = max_rows
         if lcp and cache_rows is not None:
