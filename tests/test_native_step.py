@@ -23,7 +23,7 @@ ARCHS = {
 
 
 def quantize(linear: torch.nn.Linear, bits: int) -> BlockQLinear:
-    """RTN per block of 32 into the kernels' layout (Q4: w = d q + m; Q8: w = d q)."""
+    """RTN per block of 32 into the layout the loader packs for this CPU (Q4: w = d q + m; Q8: w = d q)."""
     w = linear.weight.float()
     n, k = w.shape
     blocks = w.reshape(n, k // blockq.QK, blockq.QK)
@@ -31,10 +31,10 @@ def quantize(linear: torch.nn.Linear, bits: int) -> BlockQLinear:
         lo, hi = blocks.amin(-1), blocks.amax(-1)
         d = ((hi - lo) / 15).clamp_min(1e-8)
         q = torch.round((blocks - lo[..., None]) / d[..., None]).clamp(0, 15).reshape(n, k)
-        qs, dm = blockq.pack_q4(blockq.ggml_nibbles(q), d, lo)
+        qs, dm = blockq.pack_q4(blockq.ggml_nibbles(q), d, lo, blockq.load_lanes())
     else:
         d = (blocks.abs().amax(-1) / 127).clamp_min(1e-8)
-        qs, dm = blockq.pack_q8(torch.round(blocks / d[..., None]).clamp(-127, 127), d)
+        qs, dm = blockq.pack_q8(torch.round(blocks / d[..., None]).clamp(-127, 127), d, blockq.load_lanes())
     bias = None if linear.bias is None else linear.bias.detach().clone()
     return BlockQLinear(BlockWeight(bits, qs, dm, n, k), bias)
 

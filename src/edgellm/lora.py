@@ -96,8 +96,12 @@ class _DequantMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, base: nn.Module) -> torch.Tensor:  # type: ignore[override]
+        from .kernels.blocklinear import BlockQLinear
+
         ctx.base = base
-        return base(x)
+        # the exact weight, as backward uses (block weights would take int8 activations for short inputs, and on
+        # AVX512-VNNI CPUs for all of them)
+        return base.forward_exact(x) if isinstance(base, BlockQLinear) else base(x)
 
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]

@@ -23,15 +23,17 @@ def kernels():
     assert blockq.available(), native.reasons.get("qmatmul")
 
 
-def random_weight(bits: int, n: int, k: int, seed: int = 0) -> BlockWeight:
+def random_weight(bits: int, n: int, k: int, seed: int = 0, lanes: int = blockq.R) -> BlockWeight:
+    """A random weight packed with `lanes` rows per group (4: AVX2 / AVX-VNNI; 16: AVX512-VNNI)."""
     g = torch.Generator().manual_seed(seed)
     nb = k // blockq.QK
     d = torch.rand(n, nb, generator=g) * 0.02 + 0.001
     if bits == 4:
         q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
-        qs, dm = blockq.pack_q4(blockq.ggml_nibbles(q), d, -8 * d + 0.01 * torch.randn(n, nb, generator=g))
+        qs, dm = blockq.pack_q4(blockq.ggml_nibbles(q), d, -8 * d + 0.01 * torch.randn(n, nb, generator=g), lanes)
     else:
-        qs, dm = blockq.pack_q8(torch.randint(-128, 128, (n, nb, blockq.QK), dtype=torch.int8, generator=g), d)
+        codes = torch.randint(-128, 128, (n, nb, blockq.QK), dtype=torch.int8, generator=g)
+        qs, dm = blockq.pack_q8(codes, d, lanes)
     return BlockWeight(bits, qs, dm, n, k)
 
 
@@ -50,7 +52,7 @@ def isa(request, kernels) -> int:
 @pytest.mark.parametrize("m,n,k", [(1, 37, 96), (3, 64, 576), (31, 256, 1536), (1, 4, 32)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_qmatmul_matches_the_int8_activation_reference(isa, bits, m, n, k, dtype):
-    w = random_weight(bits, n, k)
+    w = random_weight(bits, n, k, lanes=blockq.lanes_for(isa))
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)).to(dtype)
     got = blockq.qmatmul(x, w.qs, w.dm, bits, n, isa)
     assert got.dtype == dtype and got.shape == (m, n)
@@ -64,9 +66,11 @@ def test_qmatmul_matches_the_int8_activation_reference(isa, bits, m, n, k, dtype
 
 def test_every_variant_gives_the_same_answer(kernels):
     isas = blockq.runnable_isas()
-    w = random_weight(4, 64, 256)
     x = torch.randn(2, 256)
-    outs = [blockq.qmatmul(x, w.qs, w.dm, 4, 64, i) for i in isas]
+    outs = []
+    for i in isas:  # each on its own layout of the same weight
+        w = random_weight(4, 64, 256, lanes=blockq.lanes_for(i))
+        outs.append(blockq.qmatmul(x, w.qs, w.dm, 4, 64, i))
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], rtol=1e-6, atol=1e-5)
 
@@ -74,17 +78,18 @@ def test_every_variant_gives_the_same_answer(kernels):
 @pytest.mark.parametrize("bits", [4, 8])
 def test_a_row_does_not_depend_on_the_rows_beside_it(isa, bits):
     """Speculative verification and batched serving rest on it: a row's result is the same bits alone or among
-    other rows (the AVX512-VNNI Q4 path takes rows four at a time, sharing the weight unpacking)."""
-    w = random_weight(bits, 68, 576)
+    other rows (AVX2 takes rows two at a time, AVX512-VNNI eight, sharing the weight unpacking)."""
+    w = random_weight(bits, 68, 576, lanes=blockq.lanes_for(isa))
     x = torch.randn(11, 576, generator=torch.Generator().manual_seed(3)).bfloat16()
     together = blockq.qmatmul(x, w.qs, w.dm, bits, 68, isa)
     for m in range(11):
         assert torch.equal(blockq.qmatmul(x[m:m + 1], w.qs, w.dm, bits, 68, isa)[0], together[m]), m
 
 
-def test_thread_count_does_not_change_results(kernels):
-    w = random_weight(4, 512, 576)
-    x = torch.randn(1, 576)
+@pytest.mark.parametrize("m", [1, 40])
+def test_thread_count_does_not_change_results(kernels, m):
+    w = random_weight(4, 512, 576, lanes=blockq.load_lanes())
+    x = torch.randn(m, 576)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -99,14 +104,14 @@ def test_thread_count_does_not_change_results(kernels):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_c_dequantization_is_exact(isa, bits, dtype, monkeypatch):
-    """Every variant (isa 2 dequantizes on zmm, the others on ymm) gives the exact weights, rounded once."""
-    monkeypatch.setattr(blockq.cpu, "int8_dot_isa", lambda: isa)
-    w = random_weight(bits, 70, 128)
+    """Every layout (16-row groups dequantize on zmm, 4-row groups on ymm) gives the exact weights, rounded once."""
+    lanes = blockq.lanes_for(isa)
+    w = random_weight(bits, 70, 128, lanes=lanes)
     w.dm[0, 0].fill_(7.5)  # d * q + m lands between bf16 values: the rounding step is exercised
-    for n0, n1 in ((0, 70), (4, 9), (64, 70)):
+    for n0, n1 in ((0, 70), (lanes, lanes + 5), (64, 70)):
         assert torch.equal(blockq.dequantize_rows(bits, w.qs, w.dm, 128, n0, n1, dtype),
                            blockq.dequantize_rows_torch(bits, w.qs, w.dm, n0, n1, dtype))
-    big = random_weight(bits, 256, 576)  # enough elements for the threaded pass
+    big = random_weight(bits, 256, 576, lanes=lanes)  # enough elements for the threaded pass
     assert torch.equal(blockq.dequantize_rows(bits, big.qs, big.dm, 576, 0, 256, dtype),
                        blockq.dequantize_rows_torch(bits, big.qs, big.dm, 0, 256, dtype))
 
@@ -122,15 +127,63 @@ def test_q4_layout_is_ggml_order():
     torch.testing.assert_close(w, 0.5 * q.float() - 1.0)
 
 
-@pytest.mark.parametrize("rows", [1, 5, 40])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_16_row_layout_puts_one_row_in_each_lane(bits):
+    """AVX512-VNNI's layout: chunk i of a block holds, for each of 16 rows, 4 bytes: elements 4i..4i+3 (Q4: low
+    nibbles; the high nibbles hold elements 16 + 4i..); it holds the same weight as the 4-row layout."""
+    g = torch.Generator().manual_seed(4)
+    n, k = 21, 64
+    d, m = torch.rand(n, 2, generator=g), torch.randn(n, 2, generator=g)
+    if bits == 4:
+        q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+        (qs, dm), (qs4, dm4) = (blockq.pack_q4(blockq.ggml_nibbles(q), d, m, lanes) for lanes in (16, 4))
+        assert qs.shape == (2, 2, 4, 16, 4) and dm.shape == (2, 2, 2, 16)
+        assert qs[1, 1, 2, 3, 1].item() == q[19, 32 + 9].item() | (q[19, 32 + 25].item() << 4)
+    else:
+        q = torch.randint(-128, 128, (n, 2, 32), dtype=torch.int8, generator=g)
+        (qs, dm), (qs4, dm4) = (blockq.pack_q8(q, d, lanes) for lanes in (16, 4))
+        assert qs.shape == (2, 2, 8, 16, 4) and dm.shape == (2, 2, 16)
+        assert qs[1, 1, 6, 3, 1].item() == q[19, 1, 25].item()
+    assert torch.equal(blockq.dequantize_rows_torch(bits, qs, dm, 0, n, torch.float32),
+                       blockq.dequantize_rows_torch(bits, qs4, dm4, 0, n, torch.float32))
+    emb = BlockQEmbedding(BlockWeight(bits, qs, dm, n, k), torch.float32)
+    ids = torch.tensor([[0, 15, 16, 20]])
+    assert torch.equal(emb(ids), blockq.dequantize_rows_torch(bits, qs4, dm4, 0, n, torch.float32)[ids])
+
+
+def test_a_layer_runs_the_kernel_that_reads_its_layout(kernels):
+    """Weights are packed at load for this CPU's kernel; a variant that reads another layout is refused."""
+    w = random_weight(4, 32, 64, lanes=blockq.load_lanes())
+    layer = BlockQLinear(w)
+    assert layer.isa == blockq.kernel_isa(blockq.load_lanes()) >= 0
+    assert blockq.lanes_for(layer.isa) == blockq.load_lanes()
+    if 2 in blockq.runnable_isas():
+        four = random_weight(4, 32, 64, lanes=4)
+        with pytest.raises(ValueError, match="reads 16-row groups"):
+            blockq.qmatmul(torch.randn(1, 64), four.qs, four.dm, 4, 32, 2)
+
+
+def test_dense_from_rows_per_kernel(monkeypatch):
+    """AVX2 / AVX-VNNI switch to the dense GEMM at 32 rows; AVX512-VNNI at 96 with AMX, never without it."""
+    from edgellm.kernels import blocklinear
+
+    assert blocklinear.dense_from_rows(0) == blocklinear.dense_from_rows(1) == BlockQLinear.DENSE_FROM_ROWS == 32
+    monkeypatch.setattr(blocklinear.cpu, "has", lambda level: level == "amx")
+    assert blocklinear.dense_from_rows(2) == 96
+    monkeypatch.setattr(blocklinear.cpu, "has", lambda level: False)
+    assert blocklinear.dense_from_rows(2) > 1 << 40
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40, 100])
 def test_block_linear_both_paths(kernels, rows):
-    w = random_weight(4, 96, 128)
+    w = random_weight(4, 96, 128, lanes=blockq.load_lanes())
     layer = BlockQLinear(w, bias=torch.randn(96))
     x = torch.randn(rows, 128)
     ref = F.linear(x, w.dequantize(), layer.bias)
     got = layer(x)
     scale = ref.abs().max().item()
-    if rows >= BlockQLinear.DENSE_FROM_ROWS:
+    torch.testing.assert_close(layer.forward_exact(x), ref, rtol=1e-5, atol=1e-5)
+    if rows >= layer.dense_from_rows:
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)   # exact weight, dense GEMM
     else:
         assert 0 < (got - ref).abs().max().item() <= 0.02 * scale     # int8 activations
@@ -165,8 +218,10 @@ def test_qmatmul_compiles_as_one_opaque_op(kernels):
 
 
 def test_dense_path_keeps_gradients_right(kernels):
-    """The prefill path reuses one scratch buffer for dequantized weights, except when autograd needs them."""
-    a, b = BlockQLinear(random_weight(4, 64, 64, seed=1)), BlockQLinear(random_weight(4, 64, 64, seed=2))
+    """The prefill path reuses one scratch buffer for dequantized weights, except when autograd needs them (and
+    inputs that need gradients take it whatever their row count)."""
+    lanes = blockq.load_lanes()
+    a, b = (BlockQLinear(random_weight(4, 64, 64, seed=s, lanes=lanes)) for s in (1, 2))
     x = torch.randn(40, 64, requires_grad=True)
     b(a(x)).sum().backward()
     wa, wb = a.dequantized_weight(), b.dequantized_weight()

@@ -35,9 +35,9 @@ MAX_PACKED_ROW = 1024         # tokens per packed row
 CACHE_BYTES = 1 << 30         # KV-cache budget for prefix sharing
 
 
-# Bumped whenever edgellm's forward numerics change (e.g. 2: blocked bf16 attention, 3: packed rows), so cached
-# results computed by an older version are not mixed into new runs.
-NUMERICS_VERSION = 3
+# Bumped whenever edgellm's forward numerics change (e.g. 2: blocked bf16 attention, 3: packed rows, 4: int8
+# activations in AVX512-VNNI prefill), so cached results computed by an older version are not mixed into new runs.
+NUMERICS_VERSION = 4
 
 
 def model_fingerprint(llm: Any) -> dict[str, Any]:

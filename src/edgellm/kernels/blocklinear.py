@@ -1,10 +1,10 @@
 """Layers that keep block-quantized weights (GGUF Q4_0/Q4_1/Q8_0, or our own int4 codes) and compute with them.
 
-`BlockQLinear`: short inputs (decode: up to `DENSE_FROM_ROWS - 1` rows) go through `edgellm::qmatmul`, the C
-kernel with int8 activations (kernels/blockq.py); longer ones (prefill, perplexity) dequantize a few thousand
-rows at a time to the input's dtype and run torch's dense GEMM, so prefill sees the exact weight and never
-holds a float copy of the whole model. `BlockQEmbedding` looks rows up in the same blocks (a tied embedding
-and lm_head share one copy).
+`BlockQLinear`: short inputs (decode; on AVX512-VNNI CPUs also prefill, see `dense_from_rows`) go through
+`edgellm::qmatmul`, the C kernel with int8 activations (kernels/blockq.py); longer ones (prefill, perplexity)
+dequantize a few thousand rows at a time to the input's dtype and run torch's dense GEMM, so prefill sees the
+exact weight and never holds a float copy of the whole model. `BlockQEmbedding` looks rows up in the same
+blocks (a tied embedding and lm_head share one copy).
 """
 
 from __future__ import annotations
@@ -36,8 +36,18 @@ class BlockWeight:
         return blockq.dequantize_rows(self.bits, self.qs, self.dm, self.in_features, 0, self.out_features, dtype)
 
 
+def dense_from_rows(isa: int) -> int:
+    """Input rows from which dequantizing + torch's dense GEMM beats the int8 kernel `isa` (docs/PERFORMANCE.md,
+    session 13): AVX2 and AVX-VNNI 32; AVX512-VNNI (16-row layout) 96 where oneDNN has AMX tiles for the GEMM,
+    and never without them (the kernel does ~500 int8 GOP/s on 2 cores against ~180-370 GFLOP/s of AVX-512
+    bf16 GEMM), so there prefill runs the kernel too."""
+    if isa == 2:
+        return 96 if cpu.has("amx") else 1 << 62
+    return BlockQLinear.DENSE_FROM_ROWS
+
+
 class BlockQLinear(nn.Module):
-    DENSE_FROM_ROWS = 32      # from this many input rows, dequantize + dense GEMM beats the int8 kernel
+    DENSE_FROM_ROWS = 32      # AVX2: from this many input rows, dequantize + dense GEMM beats the int8 kernel
     dense_chunk_elems = 1 << 22  # weight elements dequantized at once on that path
 
     def __init__(self, weight: BlockWeight, bias: torch.Tensor | None = None) -> None:
@@ -46,10 +56,10 @@ class BlockQLinear(nn.Module):
         self.register_buffer("qs", weight.qs, persistent=False)
         self.register_buffer("dm", weight.dm, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        # The kernel variant, fixed at load (a plain int: the compiled step's fingerprint includes it);
-        # -1: no usable C kernel here, torch computes the same product from the dequantized weight.
-        isa = cpu.int8_dot_isa()
-        self.isa = isa if isa is not None and blockq.available() else -1
+        # The kernel variant for the weight's layout, fixed at load (a plain int: the compiled step's fingerprint
+        # includes it); -1: no usable C kernel here, torch computes the same product from the dequantized weight.
+        self.isa = blockq.kernel_isa(blockq.lanes_of(weight.dm))
+        self.dense_from_rows = dense_from_rows(self.isa)
         blockq.register_ops()  # now, not first inside a torch.compile trace (dynamo cannot trace the build)
 
     @property
@@ -61,15 +71,22 @@ class BlockQLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows < self.DENSE_FROM_ROWS and self.isa >= 0 and x.dtype in (torch.float32, torch.bfloat16):
+        if rows < self.dense_from_rows and self.isa >= 0 and x.dtype in (torch.float32, torch.bfloat16) and \
+                not (x.requires_grad and torch.is_grad_enabled()):  # autograd: the dense product's backward
             y = blockq.qmatmul(x.contiguous(), self.qs, self.dm, self.bits, self.out_features, self.isa)
         else:
             y = self._forward_dense(x)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
+    def forward_exact(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T (+ bias) with the exact weight (no int8 activations), whatever the row count: training."""
+        y = self._forward_dense(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
     def _forward_dense(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.out_features, self.in_features
-        step = max(blockq.R, self.dense_chunk_elems // k // blockq.R * blockq.R)
+        lanes = blockq.lanes_of(self.dm)
+        step = max(lanes, self.dense_chunk_elems // k // lanes * lanes)
         # autograd would keep the weight for backward: then each chunk needs a tensor of its own
         buf = None if torch.is_grad_enabled() and x.requires_grad else _scratch(min(n, step) * k, x.dtype)
         outs = []
@@ -110,14 +127,18 @@ class BlockQEmbedding(nn.Module):
         self.dtype = dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        g, r = ids // blockq.R, ids % blockq.R                       # row n lives in group n // 4, lane n % 4
+        lanes = blockq.lanes_of(self.dm)
+        g, r = ids // lanes, ids % lanes                              # row n lives in group n // L, lane n % L
+        if self.qs.dim() == 5:                                        # 16-row groups: (G, nb, B/4, 16, 4)
+            b = self.qs[g, :, :, r].flatten(-2)                       # (..., nb, B) in GGML's order
+        else:
+            b = self.qs[g, :, r]                                      # (..., nb, B)
         if self.bits == 4:
-            b = self.qs[g, :, r]                                      # (..., nb, 16)
             q = torch.stack([b & 0x0F, b >> 4], dim=-2).float()       # (..., nb, 2, 16)
             f = self.dm[g, :, :, r].float()                           # (..., nb, 2)
             w = q * f[..., 0, None, None] + f[..., 1, None, None]
         else:
-            w = self.qs[g, :, r].float() * self.dm[g, :, r].float()[..., None]  # (..., nb, 32)
+            w = b.float() * self.dm[g, :, r].float()[..., None]       # (..., nb, 32)
         return w.reshape(*ids.shape, self.embedding_dim).to(self.dtype)
 
     def extra_repr(self) -> str:

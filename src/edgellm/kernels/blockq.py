@@ -1,8 +1,9 @@
 """Weights in blocks of 32 (4-bit Q4: w = d * q + m; 8-bit Q8: w = d * q), and the `edgellm::qmatmul` op.
 
-The layouts (documented in csrc/qmatmul.c) interleave rows by 4; `pack_q4` / `pack_q8` build them from
-per-row blocks (GGUF's Q4_0/Q4_1/Q8_0 bytes map onto them exactly, and so does an integer zero point with
-fp16 scales, up to rounding m = -z * d to fp16). `qmatmul` multiplies short inputs with the C kernel
+The layouts (documented in csrc/qmatmul.c) group rows by 4 (AVX2, AVX-VNNI) or by 16 (AVX512-VNNI: one row per
+zmm lane); a weight is packed once at load for the kernel this CPU runs (`load_lanes`). `pack_q4` /
+`pack_q8` build them from per-row blocks (GGUF's Q4_0/Q4_1/Q8_0 bytes map onto them exactly, and so does an
+integer zero point with fp16 scales, up to rounding m = -z * d to fp16). `qmatmul` multiplies with the C kernel
 (activations quantized to int8 per block of 32, integer dot products: AVX2, AVX-VNNI or AVX512-VNNI, chosen by
 kernels.cpu); `dequantize_rows` gives the exact float weight for the dense (prefill) path. Without a C compiler
 or AVX2 both fall back to torch code with the same results as the dequantized weight.
@@ -20,32 +21,73 @@ import torch
 
 from . import cpu, native
 
-QK = 32  # values per block
-R = 4    # rows interleaved
+QK = 32   # values per block
+R = 4     # rows per group in the AVX2 / AVX-VNNI layout (isa 0, 1)
+R16 = 16  # rows per group in the AVX512-VNNI layout (isa 2)
 
 
-def pad_rows(n: int) -> int:
-    return -(-n // R) * R
+def lanes_for(isa: int | None) -> int:
+    """Rows per group of the layout the isa's kernels read."""
+    return R16 if isa == 2 else R
 
 
-def _interleave(t: torch.Tensor) -> torch.Tensor:
-    """(N, nb, ...) per-row blocks -> (N/R, nb, R, ...) (N padded to R with zero rows)."""
+def lanes_of(dm: torch.Tensor) -> int:
+    """Rows per group of a packed weight (its scales' last dimension)."""
+    return dm.shape[-1]
+
+
+def load_lanes() -> int:
+    """The layout to pack for at load: the one this CPU's kernel reads (where the C kernels work), else 4."""
+    isa = cpu.int8_dot_isa()
+    return lanes_for(isa) if isa is not None and available() else R
+
+
+def kernel_isa(lanes: int) -> int:
+    """The fastest kernel variant this CPU runs on weights packed with `lanes` rows per group; -1: none (torch)."""
+    isas = [i for i in runnable_isas() if lanes_for(i) == lanes] if available() else []
+    return isas[-1] if isas else -1
+
+
+def pad_rows(n: int, lanes: int = R) -> int:
+    return -(-n // lanes) * lanes
+
+
+def _interleave(t: torch.Tensor, lanes: int) -> torch.Tensor:
+    """(N, nb, ...) per-row blocks -> (N/L, nb, L, ...) (N padded to L with zero rows)."""
     n = t.shape[0]
-    if n % R:
-        t = torch.cat([t, t.new_zeros(pad_rows(n) - n, *t.shape[1:])])
-    return t.reshape(-1, R, *t.shape[1:]).transpose(1, 2).contiguous()
+    if n % lanes:
+        t = torch.cat([t, t.new_zeros(pad_rows(n, lanes) - n, *t.shape[1:])])
+    return t.reshape(-1, lanes, *t.shape[1:]).transpose(1, 2).contiguous()
 
 
-def pack_q4(nibbles: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _pack_bytes(b: torch.Tensor, lanes: int) -> torch.Tensor:
+    """Per-row block bytes (N, nb, B) -> R: (N/4, nb, 4, B); R16: (N/16, nb, B/4, 16, 4), each row's 4-byte chunks
+    side by side so that one zmm lane holds one row (see csrc/qmatmul.c)."""
+    if lanes == R:
+        return _interleave(b, R)
+    t = _interleave(b, R16)                                                  # (N/16, nb, 16, B)
+    return t.reshape(*t.shape[:3], -1, 4).transpose(2, 3).contiguous()       # (N/16, nb, B/4, 16, 4)
+
+
+def _row_bytes(qs: torch.Tensor, g0: int, g1: int) -> torch.Tensor:
+    """Groups g0:g1 of a packed qs back to per-row block bytes (rows, nb, B) in GGML's order."""
+    q = qs[g0:g1]
+    if q.dim() == 5:                                                        # (g, nb, B/4, 16, 4)
+        q = q.transpose(2, 3).reshape(*q.shape[:2], R16, -1)                 # (g, nb, 16, B)
+    return q.transpose(1, 2).reshape(-1, q.shape[1], q.shape[3])
+
+
+def pack_q4(nibbles: torch.Tensor, d: torch.Tensor, m: torch.Tensor, lanes: int = R
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """nibbles uint8 (N, nb, 16) in GGML order (byte j: element j low, j + 16 high), d and m (N, nb) (rounded
-    to fp16) -> (qs uint8 (N/4, nb, 4, 16), dm fp16 (N/4, nb, 2, 4))."""
+    to fp16) -> (qs uint8 (N/4, nb, 4, 16) or (N/16, nb, 4, 16, 4), dm fp16 (N/L, nb, 2, L))."""
     dm = torch.stack([d.to(torch.float16), m.to(torch.float16)], dim=-1)  # (N, nb, 2)
-    return _interleave(nibbles.to(torch.uint8)), _interleave(dm).transpose(2, 3).contiguous()
+    return _pack_bytes(nibbles.to(torch.uint8), lanes), _interleave(dm, lanes).transpose(2, 3).contiguous()
 
 
-def pack_q8(codes: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """codes int8 (N, nb, 32), d (N, nb) -> (qs int8 (N/4, nb, 4, 32), d fp16 (N/4, nb, 4))."""
-    return _interleave(codes.to(torch.int8)), _interleave(d.to(torch.float16))
+def pack_q8(codes: torch.Tensor, d: torch.Tensor, lanes: int = R) -> tuple[torch.Tensor, torch.Tensor]:
+    """codes int8 (N, nb, 32), d (N, nb) -> (qs int8 (N/4, nb, 4, 32) or (N/16, nb, 8, 16, 4), d fp16 (N/L, nb, L))."""
+    return _pack_bytes(codes.to(torch.int8), lanes), _interleave(d.to(torch.float16), lanes)
 
 
 def ggml_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -56,17 +98,19 @@ def ggml_nibbles(q: torch.Tensor) -> torch.Tensor:
 
 def dequantize_rows_torch(bits: int, qs: torch.Tensor, dm: torch.Tensor, n0: int, n1: int,
                           dtype: torch.dtype) -> torch.Tensor:
-    """Rows n0:n1 (n0 % 4 == 0) of the weight, (n1 - n0, K), computed in fp32 and rounded once to dtype."""
-    g0, g1 = n0 // R, -(-n1 // R)
+    """Rows n0:n1 (n0 a multiple of the group size) of the weight, (n1 - n0, K), computed in fp32 and rounded once
+    to dtype."""
+    lanes = lanes_of(dm)
+    g0, g1 = n0 // lanes, -(-n1 // lanes)
+    b = _row_bytes(qs, g0, g1)                                               # (rows, nb, 16 or 32)
     if bits == 4:
-        b = qs[g0:g1]                                                     # (g, nb, R, 16)
-        q = torch.stack([b & 0x0F, b >> 4], dim=3).float()                # (g, nb, R, 2, 16)
-        f = dm[g0:g1].float()                                             # (g, nb, 2, R)
-        w = q * f[:, :, 0, :, None, None] + f[:, :, 1, :, None, None]
+        q = torch.stack([b & 0x0F, b >> 4], dim=2).float()                   # (rows, nb, 2, 16)
+        f = dm[g0:g1].permute(0, 3, 1, 2).reshape(-1, b.shape[1], 2).float()  # (rows, nb, 2)
+        w = q * f[:, :, 0, None, None] + f[:, :, 1, None, None]
     else:
-        w = qs[g0:g1].float() * dm[g0:g1].float()[..., None]              # (g, nb, R, 32)
-    w = w.reshape(g1 - g0, w.shape[1], R, QK).transpose(1, 2).reshape((g1 - g0) * R, -1)
-    return w[n0 - g0 * R:n1 - g0 * R].to(dtype)
+        w = b.float() * dm[g0:g1].transpose(1, 2).reshape(-1, b.shape[1]).float()[..., None]  # (rows, nb, 32)
+    w = w.reshape(w.shape[0], -1)
+    return w[n0 - g0 * lanes:n1 - g0 * lanes].to(dtype)
 
 
 @functools.cache
@@ -99,18 +143,19 @@ def _c_kernels() -> tuple | None:
 
 
 def _self_check(pair: tuple) -> bool:
-    """Both C functions against the torch reference, on odd shapes (N not a multiple of 4, several blocks)."""
+    """Both C functions against the torch reference, each variant on its layout, on odd shapes (N not a multiple
+    of the group size, several blocks)."""
     mm, dq = pair
     g = torch.Generator().manual_seed(5)
     n, k = 37, 96
     q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
     d, m = torch.rand(n, k // QK, generator=g) * 0.1, torch.randn(n, k // QK, generator=g) * 0.1
-    qs4, dm4 = pack_q4(ggml_nibbles(q), d, m)
-    qs8, d8 = pack_q8(torch.randint(-127, 128, (n, k // QK, QK), dtype=torch.int8, generator=g), d)
+    codes = torch.randint(-127, 128, (n, k // QK, QK), dtype=torch.int8, generator=g)
     x = torch.randn(3, k, generator=g)
-    for bits, qs, dm in ((4, qs4, dm4), (8, qs8, d8)):
-        w = dequantize_rows_torch(bits, qs, dm, 0, n, torch.float32)
-        for isa in runnable_isas():
+    for isa in runnable_isas():
+        lanes = lanes_for(isa)
+        for bits, (qs, dm) in ((4, pack_q4(ggml_nibbles(q), d, m, lanes)), (8, pack_q8(codes, d, lanes))):
+            w = dequantize_rows_torch(bits, qs, dm, 0, n, torch.float32)
             for out_dtype in (torch.float32, torch.bfloat16):
                 got = torch.empty(n, k, dtype=out_dtype)
                 to_bf16 = int(out_dtype == torch.bfloat16)
@@ -165,17 +210,19 @@ def _qmatmul_cpu(x: torch.Tensor, qs: torch.Tensor, dm: torch.Tensor, bits: int,
 
 def dequantize_rows(bits: int, qs: torch.Tensor, dm: torch.Tensor, k: int, n0: int, n1: int,
                     dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows n0:n1 (n0 % 4 == 0) as (n1 - n0, k) in dtype: the C pass where built (fp32/bf16), else torch.
-    out: a contiguous (n1 - n0, k) tensor of dtype to write into (the prefill path reuses one scratch buffer)."""
+    """Rows n0:n1 (n0 a multiple of the group size) as (n1 - n0, k) in dtype: the C pass where built (fp32/bf16),
+    else torch. out: a contiguous (n1 - n0, k) tensor of dtype to write into (the prefill path reuses one scratch
+    buffer)."""
     fns = _c_kernels()
-    if fns is None or dtype not in (torch.float32, torch.bfloat16):
+    isa = 2 if lanes_of(dm) == R16 else 0  # the C pass reads 16-row groups with AVX-512, 4-row ones with AVX2
+    if fns is None or dtype not in (torch.float32, torch.bfloat16) or isa not in runnable_isas():
         w = dequantize_rows_torch(bits, qs, dm, n0, n1, dtype)
         return w if out is None else out.copy_(w)
     if out is None:
         out = torch.empty(n1 - n0, k, dtype=dtype)
     assert out.is_contiguous() and out.shape == (n1 - n0, k) and out.dtype == dtype
-    fns[1](bits, qs.data_ptr(), dm.data_ptr(), k, n0, n1, out.data_ptr(), int(dtype == torch.bfloat16),
-           cpu.int8_dot_isa(), torch.get_num_threads())
+    fns[1](bits, qs.data_ptr(), dm.data_ptr(), k, n0, n1, out.data_ptr(), int(dtype == torch.bfloat16), isa,
+           torch.get_num_threads())
     return out
 
 
@@ -204,8 +251,12 @@ def register_ops() -> None:
 
 def qmatmul(x: torch.Tensor, qs: torch.Tensor, dm: torch.Tensor, bits: int, n: int, isa: int | None = None
             ) -> torch.Tensor:
-    """x (..., K) fp32/bf16 contiguous, K % 32 == 0 -> (..., n): the int8-activation kernel (see module doc)."""
+    """x (..., K) fp32/bf16 contiguous, K % 32 == 0 -> (..., n): the int8-activation kernel (see module doc).
+    isa: the variant (default: the fastest for the weight's layout); it must read that layout."""
     register_ops()
     if isa is None:
-        isa = cpu.int8_dot_isa() or 0
+        isa = max(kernel_isa(lanes_of(dm)), 0)
+    if lanes_for(isa) != lanes_of(dm):
+        raise ValueError(f"qmatmul: kernel variant {isa} reads {lanes_for(isa)}-row groups, the weight has "
+                         f"{lanes_of(dm)}")
     return torch.ops.edgellm.qmatmul(x, qs, dm, bits, n, isa)

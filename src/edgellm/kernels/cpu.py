@@ -134,12 +134,16 @@ def summary() -> str:
 def paths(dtype: str | None = None) -> dict[str, str]:
     """Which implementation each operation takes on this CPU (for `edgellm info` and bench notes)."""
     act = dtype or auto_dtype()
+    isa = int8_dot_isa()
     dot = {2: "C int8 dot, AVX512-VNNI", 1: "C int8 dot, AVX-VNNI", 0: "C int8 dot, AVX2 maddubs",
-           None: "torch (dequantize + matmul)"}[int8_dot_isa()]
+           None: "torch (dequantize + matmul)"}[isa]
+    dense = f"dequantize a block of rows to {act}, then torch's {act} GEMM"
+    prefill = (f"the int8 kernel for short inputs, else {dense} (AMX)" if isa == 2 and has("amx") else
+               "the int8 kernel, AVX512-VNNI (activations quantized to int8 per 32)" if isa == 2 else dense)
     return {
         "activations": f"{act} ({'native bf16' if native_bf16() else 'no native bf16: fp32'} by --dtype auto)",
         "4/8-bit decode": dot + " (activations quantized to int8 per 32)",
-        "4/8-bit prefill": f"dequantize a block of rows to {act}, then torch's {act} GEMM",
+        "4/8-bit prefill": prefill,
         "decode step": "one C call per token (no compile) for block-quantized weights, else torch.compile",
         "prefill attention": ("C kernel, AVX512-BF16" if native_bf16() and act == "bf16" else
                               "C kernel, AVX2 fp32" if has("avx2") and act == "fp32" else f"torch ({act})"),

@@ -243,10 +243,11 @@ class GGUFCheckpoint:
             fields.append(f)
         codes, d = torch.cat([f[0] for f in fields]), torch.cat([f[1] for f in fields])
         n, k = codes.shape[0], infos[0].shape[1]
+        lanes = blockq.load_lanes()  # the layout this CPU's kernel reads
         if bits == {8}:
-            qs, dm = blockq.pack_q8(codes, d)
+            qs, dm = blockq.pack_q8(codes, d, lanes)
         else:
-            qs, dm = blockq.pack_q4(codes, d, torch.cat([f[2] for f in fields]))
+            qs, dm = blockq.pack_q4(codes, d, torch.cat([f[2] for f in fields]), lanes)
         return BlockWeight(bits.pop(), qs, dm, n, k)
 
     def _fused(self, parts: list[tuple[str, int | None]], dtype: torch.dtype) -> torch.Tensor:

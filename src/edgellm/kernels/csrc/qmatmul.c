@@ -1,4 +1,4 @@
-/* Low-bit matrix products for short inputs (decode): 4-bit (Q4) and 8-bit (Q8) weights in blocks of 32,
+/* Low-bit matrix products (decode; on AVX512-VNNI also prefill): 4-bit (Q4) and 8-bit (Q8) weights in blocks of 32,
  * activations quantized to int8 per block of 32, integer dot products. The llama.cpp recipe, our code.
  *
  * Built by edgellm/kernels/native.py for the x86-64-v3 baseline (AVX2, FMA, F16C; -O3 -fopenmp); the VNNI
@@ -6,10 +6,10 @@
  * detection, so EDGELLM_ISA=avx2 really runs the AVX2 code on any machine):
  *   isa 0: AVX2     vpmaddubsw + vpmaddwd       (every x86-64 laptop since ~2013)
  *   isa 1: AVX-VNNI vpdpbusd on ymm (VEX)       (Intel Core 12th gen+, Zen 5 client)
- *   isa 2: AVX512-VNNI vpdpbusd on zmm; one Q8 row on ymm  (Xeon, Zen 4/5)
+ *   isa 2: AVX512-VNNI vpdpbusd on zmm, on a layout of its own (16-row groups, below)  (Xeon, Zen 4/5)
  *
- * Weight layout (made once at load, see kernels/blockq.py), rows interleaved by R = 4 so one thread streams
- * one contiguous run of memory and each loaded activation block serves four rows:
+ * Weight layout of isa 0 and 1 (made once at load, see kernels/blockq.py), rows interleaved by R = 4 so one thread
+ * streams one contiguous run of memory and each loaded activation block serves four rows:
  *   Q4: qs uint8 (N/4, nb, 4, 16): block b of row r; byte j holds element j (low nibble) and j+16 (high nibble),
  *       GGML's order. dm fp16 (N/4, nb, 2, 4): d of the 4 rows, then m of the 4 rows. w = d * q + m, q in 0..15
  *       (Q4_1 exactly; Q4_0 has m = -8d; an integer zero point z gives m = -z d).
@@ -261,200 +261,155 @@ static void q8_group_rows_avx2(const int8_t *qs, const uint16_t *d, int64_t nb, 
         q8_rows_avx2(qs, d, nb, 1, xq, xd, K, out);
 }
 
-/* AVX512-VNNI on zmm: a block's four 16-byte rows are one 64-byte load, and each 128-bit lane meets the
- * activation's 16 bytes broadcast to all four lanes, so one vpdpbusd pair does what two pairs do on ymm. Each
- * int32 lane holds the same partial sum as in Q4_GROUP and is scaled and accumulated in the same order, so the
- * result is bit-identical to the ymm variants; ~35 % fewer instructions per block. */
-__attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl"))) static __m128 q4_group_avx512vnni(
-    const uint8_t *qs, const uint16_t *dm, int64_t nb, const int8_t *xq, const float *xd, const float *xs) {
-    const __m512i nib = _mm512_set1_epi8(0x0F);
-    const __m512i sel = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-    __m512 acc = _mm512_setzero_ps();
-    __m128 accm = _mm_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *q = qs + b * R * 16;
-        _mm_prefetch((const char *)(q + PREFETCH), _MM_HINT_T0);
-        _mm_prefetch((const char *)(dm + b * 2 * R) + PREFETCH / 4, _MM_HINT_T0);
-        const __m512i xlo = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xq + b * QK)));
-        const __m512i xhi = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xq + b * QK + 16)));
-        const __m512i v = _mm512_loadu_si512((const void *)q); /* rows 0..3, 16 bytes each */
-        __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v, nib), xlo);
-        p = _mm512_dpbusd_epi32(p, _mm512_and_si512(_mm512_srli_epi16(v, 4), nib), xhi);
-        const __m256 f = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + b * 2 * R))); /* d0..3 m0..3 */
-        const __m256 ds = _mm256_mul_ps(f, _mm256_set1_ps(xd[b]));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(sel, _mm512_castps256_ps512(ds)), acc);
-        accm = _mm_fmadd_ps(_mm256_extractf128_ps(f, 1), _mm_set1_ps(xs[b]), accm);
-    }
-    /* lanes 0-7 are Q4_GROUP's acc01 (rows 0, 1), lanes 8-15 its acc23: the same reduction */
-    __m256 h = _mm256_hadd_ps(_mm512_castps512_ps256(acc), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1)));
-    h = _mm256_hadd_ps(h, h);
-    __m128 lo = _mm256_castps256_ps128(h), hi = _mm256_extractf128_ps(h, 1);
-    return _mm_add_ps(_mm_unpacklo_ps(lo, hi), accm);
+Q8_GROUP(q8_group_avx2, DOT_AVX2, )
+Q8_GROUP(q8_group_avxvnni, DOT_AVXVNNI, __attribute__((target("avxvnni"))))
+
+/* AVX512-VNNI (isa 2) has a layout of its own, 16 rows per group, so that each int32 lane of a zmm holds one row's
+ * whole block dot product (vpdpbusd sums 4 bytes per lane; 8 of them cover a block) and the float work of a block
+ * (convert, scale, m term) is done once for 16 rows rather than once per row:
+ *   Q4: qs uint8 (N/16, nb, 4, 16, 4): chunk i (0..3), row r, byte e holds element 4i + e (low nibble) and element
+ *       16 + 4i + e (high nibble); dm fp16 (N/16, nb, 2, 16): d of the 16 rows, then m of the 16 rows.
+ *   Q8: qs int8 (N/16, nb, 8, 16, 4): chunk i (0..7), row r, byte e holds element 4i + e; d fp16 (N/16, nb, 16).
+ * The activation side of a chunk is 4 bytes broadcast to every lane (an embedded-broadcast operand). A block's
+ * integer sum is exact, so rows agree bit for bit however many activation rows are computed together. */
+#define AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl,avx512dq")))
+#define L16 16
+#define MR16 8 /* activation rows per pass over a weight group: 8 accumulators + 8 unpacked chunks in registers */
+
+static inline int32_t load_i32(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
 }
-/* q4_group_avx512vnni for MR activation rows at once (speculative verification, batched decode): the block's
- * weights are loaded and unpacked once for all rows. Each row's lanes see exactly the operations of the one-row
- * function, in the same order, so every row's result is bit-identical to it. */
-#define MR 4
-__attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl"))) static inline __attribute__((always_inline)) void
-q4_rows(const uint8_t *qs, const uint16_t *dm, int64_t nb, const int rows, const int8_t *xq, const float *xd,
-        const float *xs, int64_t K, __m128 *out) {
+
+/* 16 weight rows (one group) against `rows` (<= MR16) activation rows; out[m] = the 16 rows' products with x_m. */
+AVX512VNNI static inline __attribute__((always_inline)) void q4_rows16(const uint8_t *qs, const uint16_t *dm,
+                                                                       int64_t nb, const int rows, const int8_t *xq,
+                                                                       const float *xd, const float *xs, int64_t K,
+                                                                       __m512 *out) {
     const __m512i nib = _mm512_set1_epi8(0x0F);
-    const __m512i sel = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-    __m512 acc[MR];
-    __m128 accm[MR];
-    for (int m = 0; m < MR; m++) acc[m] = _mm512_setzero_ps(), accm[m] = _mm_setzero_ps();
+    __m512 acc[MR16];
+    for (int m = 0; m < MR16; m++) acc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *q = qs + b * R * 16;
-        _mm_prefetch((const char *)(q + PREFETCH), _MM_HINT_T0);
-        _mm_prefetch((const char *)(dm + b * 2 * R) + PREFETCH / 4, _MM_HINT_T0);
-        const __m512i v = _mm512_loadu_si512((const void *)q);
-        const __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
-        const __m256 f = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + b * 2 * R)));
-        const __m128 fm = _mm256_extractf128_ps(f, 1);
-        /* d of each lane's row, permuted once for all rows (d_r * xd per lane: the same product as permuting after) */
-        const __m512 fd = _mm512_permutexvar_ps(sel, _mm512_castps256_ps512(f));
+        const uint8_t *q = qs + b * 4 * 64;
+        for (int l = 0; l < 4; l++) _mm_prefetch((const char *)(q + PREFETCH + 64 * l), _MM_HINT_T0);
+        _mm_prefetch((const char *)(dm + b * 2 * L16) + PREFETCH / 4, _MM_HINT_T0);
+        __m512i w[8];
+        for (int i = 0; i < 4; i++) {
+            const __m512i v = _mm512_loadu_si512((const void *)(q + 64 * i));
+            w[i] = _mm512_and_si512(v, nib);                          /* elements 4i..4i+3 of each row */
+            w[4 + i] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib); /* elements 16+4i..16+4i+3 */
+        }
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dm + b * 2 * L16)));
+        const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dm + b * 2 * L16 + L16)));
         for (int m = 0; m < rows; m++) {
             const int8_t *x = xq + m * K + b * QK;
-            const __m512i xlo = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)x));
-            const __m512i xhi = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(x + 16)));
-            const __m512i p = _mm512_add_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo),
-                                               _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, xhi));
-            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(fd, _mm512_set1_ps(xd[m * (K / QK) + b])),
-                                     acc[m]);
-            accm[m] = _mm_fmadd_ps(fm, _mm_set1_ps(xs[m * (K / QK) + b]), accm[m]);
+            __m512i p0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32(load_i32(x)));
+            __m512i p1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[4], _mm512_set1_epi32(load_i32(x + 16)));
+            for (int i = 1; i < 4; i++) {
+                p0 = _mm512_dpbusd_epi32(p0, w[i], _mm512_set1_epi32(load_i32(x + 4 * i)));
+                p1 = _mm512_dpbusd_epi32(p1, w[4 + i], _mm512_set1_epi32(load_i32(x + 16 + 4 * i)));
+            }
+            const int64_t xb = m * (K / QK) + b;
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(p0, p1)),
+                                     _mm512_mul_ps(d, _mm512_set1_ps(xd[xb])), acc[m]);
+            acc[m] = _mm512_fmadd_ps(mn, _mm512_set1_ps(xs[xb]), acc[m]);
         }
     }
-    for (int m = 0; m < rows; m++) {
-        __m256 h = _mm256_hadd_ps(_mm512_castps512_ps256(acc[m]),
-                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[m]), 1)));
-        h = _mm256_hadd_ps(h, h);
-        __m128 l = _mm256_castps256_ps128(h), u = _mm256_extractf128_ps(h, 1);
-        out[m] = _mm_add_ps(_mm_unpacklo_ps(l, u), accm[m]);
+    for (int m = 0; m < rows; m++) out[m] = acc[m];
+}
+
+/* Signed weights made unsigned (w + 128, an xor; AVX-512 has no vpsignb): dot(w, x) = dot(w + 128, x) - 128 sum(x),
+ * the second term from xs = xd sum(x). */
+AVX512VNNI static inline __attribute__((always_inline)) void q8_rows16(const int8_t *qs, const uint16_t *dm,
+                                                                       int64_t nb, const int rows, const int8_t *xq,
+                                                                       const float *xd, const float *xs, int64_t K,
+                                                                       __m512 *out) {
+    const __m512i bias = _mm512_set1_epi8((char)0x80);
+    __m512 acc[MR16];
+    for (int m = 0; m < MR16; m++) acc[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const int8_t *q = qs + b * 8 * 64;
+        for (int l = 0; l < 8; l++) _mm_prefetch((const char *)(q + PREFETCH + 64 * l), _MM_HINT_T0);
+        __m512i u[8];
+        for (int i = 0; i < 8; i++) u[i] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(q + 64 * i)), bias);
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dm + b * L16)));
+        for (int m = 0; m < rows; m++) {
+            const int8_t *x = xq + m * K + b * QK;
+            __m512i p0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[0], _mm512_set1_epi32(load_i32(x)));
+            __m512i p1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[4], _mm512_set1_epi32(load_i32(x + 16)));
+            for (int i = 1; i < 4; i++) {
+                p0 = _mm512_dpbusd_epi32(p0, u[i], _mm512_set1_epi32(load_i32(x + 4 * i)));
+                p1 = _mm512_dpbusd_epi32(p1, u[4 + i], _mm512_set1_epi32(load_i32(x + 16 + 4 * i)));
+            }
+            const int64_t xb = m * (K / QK) + b;
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(p0, p1)),
+                                     _mm512_mul_ps(d, _mm512_set1_ps(xd[xb])), acc[m]);
+            acc[m] = _mm512_fmadd_ps(d, _mm512_set1_ps(-128.0f * xs[xb]), acc[m]);
+        }
     }
+    for (int m = 0; m < rows; m++) out[m] = acc[m];
 }
 
 /* fn (an always-inline rows kernel) called with its row count a compile-time constant, so its accumulators stay in
  * registers (with a run-time count and an early exit they lived on the stack) */
-#define CONST_ROWS(fn, qs, scales, nb, rows, xq, xd, xs, K, out)                     \
-    do {                                                                             \
-        if ((rows) >= MR)                                                            \
-            fn(qs, scales, nb, MR, xq, xd, xs, K, out);                              \
-        else if ((rows) == 3)                                                        \
-            fn(qs, scales, nb, 3, xq, xd, xs, K, out);                               \
-        else if ((rows) == 2)                                                        \
-            fn(qs, scales, nb, 2, xq, xd, xs, K, out);                               \
-        else                                                                         \
-            fn(qs, scales, nb, 1, xq, xd, xs, K, out);                               \
-    } while (0)
-
-__attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl"))) static void q4_group_rows_avx512vnni(
-    const uint8_t *qs, const uint16_t *dm, int64_t nb, int64_t rows, const int8_t *xq, const float *xd,
-    const float *xs, int64_t K, __m128 *out) {
-    CONST_ROWS(q4_rows, qs, dm, nb, rows, xq, xd, xs, K, out);
-}
-
-Q8_GROUP(q8_group_avx2, DOT_AVX2, )
-Q8_GROUP(q8_group_avxvnni, DOT_AVXVNNI, __attribute__((target("avxvnni"))))
-
-/* Q8 with AVX512-VNNI. AVX-512 has no vpsignb, so the weights are made unsigned instead (w + 128, an xor):
- * dot(w, x) = dot(w + 128, x) - 128 sum(x), the second term from xs = xd sum(x). Each int32 lane's partial sum
- * (4 bytes) is scaled per block and accumulated in float in its lane; the lanes are reduced once per group (not once
- * per block as in Q8_GROUP). The one-row function works on ymm, the MR-row one on zmm (one weight load and xor for
- * every row); both give each lane the same operations in the same order and reduce it with the same tree, so a row's
- * result is bit-identical whatever M is (speculative verification and batched serving rest on that). */
-#define AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl")))
-
-/* rows 0..3 (8 lanes each) -> their totals (r0 r1 r2 r3): ((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7)) */
-AVX512VNNI static inline __m128 reduce4(__m256 r0, __m256 r1, __m256 r2, __m256 r3) {
-    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(r0, r1), _mm256_hadd_ps(r2, r3));
-    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
-
-AVX512VNNI static __m128 q8_group_avx512vnni(const int8_t *qs, const uint16_t *d, int64_t nb, const int8_t *xq,
-                                             const float *xd, const float *xs) {
-    const __m256i bias = _mm256_set1_epi8((char)0x80);
-    __m256 acc[R];
-    __m128 corr = _mm_setzero_ps();
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        const int8_t *q = qs + b * R * QK;
-        _mm_prefetch((const char *)(q + PREFETCH), _MM_HINT_T0);
-        _mm_prefetch((const char *)(q + PREFETCH + 64), _MM_HINT_T0);
-        const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
-        const __m128 dw = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(d + b * R)));
-        const __m128 ds = _mm_mul_ps(dw, _mm_set1_ps(xd[b]));
-        const __m256 ds8 = _mm256_castps128_ps256(ds);
-        for (int r = 0; r < R; r++) {
-            const __m256i u = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(q + r * QK)), bias);
-            const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_permutevar8x32_ps(ds8, _mm256_set1_epi32(r)),
-                                     acc[r]);
-        }
-        corr = _mm_fmadd_ps(dw, _mm_set1_ps(-128.0f * xs[b]), corr);
+#define CONST_ROWS16(fn, qs, dm, nb, rows, xq, xd, xs, K, out)                                                     \
+    switch ((rows) >= MR16 ? MR16 : (rows)) {                                                                      \
+    case 8: fn(qs, dm, nb, 8, xq, xd, xs, K, out); break;                                                           \
+    case 7: fn(qs, dm, nb, 7, xq, xd, xs, K, out); break;                                                           \
+    case 6: fn(qs, dm, nb, 6, xq, xd, xs, K, out); break;                                                           \
+    case 5: fn(qs, dm, nb, 5, xq, xd, xs, K, out); break;                                                           \
+    case 4: fn(qs, dm, nb, 4, xq, xd, xs, K, out); break;                                                           \
+    case 3: fn(qs, dm, nb, 3, xq, xd, xs, K, out); break;                                                           \
+    case 2: fn(qs, dm, nb, 2, xq, xd, xs, K, out); break;                                                           \
+    default: fn(qs, dm, nb, 1, xq, xd, xs, K, out); break;                                                          \
     }
-    return _mm_add_ps(reduce4(acc[0], acc[1], acc[2], acc[3]), corr);
-}
 
-AVX512VNNI static inline __attribute__((always_inline)) void q8_rows(
-    const int8_t *qs, const uint16_t *d, int64_t nb, const int rows, const int8_t *xq, const float *xd,
-    const float *xs, int64_t K, __m128 *out) {
-    const __m512i bias = _mm512_set1_epi8((char)0x80);
-    const __m512i sel01 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    const __m512i sel23 = _mm512_setr_epi32(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-    __m512 acc01[MR], acc23[MR]; /* row 0 | row 1 (8 lanes each), row 2 | row 3 */
-    __m128 corr[MR];
-    for (int m = 0; m < MR; m++) acc01[m] = acc23[m] = _mm512_setzero_ps(), corr[m] = _mm_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        const int8_t *q = qs + b * R * QK;
-        _mm_prefetch((const char *)(q + PREFETCH), _MM_HINT_T0);
-        _mm_prefetch((const char *)(q + PREFETCH + 64), _MM_HINT_T0);
-        const __m512i u01 = _mm512_xor_si512(_mm512_loadu_si512((const void *)q), bias);
-        const __m512i u23 = _mm512_xor_si512(_mm512_loadu_si512((const void *)(q + 64)), bias);
-        const __m128 dw = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(d + b * R)));
-        for (int m = 0; m < rows; m++) {
-            const int64_t xb = m * (K / QK) + b;
-            const __m512i x = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(xq + m * K + b * QK)));
-            const __m512 ds = _mm512_castps128_ps512(_mm_mul_ps(dw, _mm_set1_ps(xd[xb])));
-            const __m512i p01 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u01, x);
-            const __m512i p23 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u23, x);
-            acc01[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p01), _mm512_permutexvar_ps(sel01, ds), acc01[m]);
-            acc23[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p23), _mm512_permutexvar_ps(sel23, ds), acc23[m]);
-            corr[m] = _mm_fmadd_ps(dw, _mm_set1_ps(-128.0f * xs[xb]), corr[m]);
-        }
-    }
-    for (int m = 0; m < rows; m++) {
-        const __m256 r1 = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc01[m]), 1));
-        const __m256 r3 = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc23[m]), 1));
-        out[m] = _mm_add_ps(reduce4(_mm512_castps512_ps256(acc01[m]), r1, _mm512_castps512_ps256(acc23[m]), r3),
-                            corr[m]);
-    }
-}
-
-AVX512VNNI static void q8_group_rows_avx512vnni(const int8_t *qs, const uint16_t *d, int64_t nb, int64_t rows,
-                                                const int8_t *xq, const float *xd, const float *xs, int64_t K,
-                                                __m128 *out) {
-    CONST_ROWS(q8_rows, qs, d, nb, rows, xq, xd, xs, K, out);
-}
-
-/* Weight group g (4 rows) against up to MR (AVX512-VNNI) or MR2 (AVX2) activation rows: the rows functions above. */
-static void group_rows(int isa, int bits, const void *qs, const uint16_t *dm, int64_t g, int64_t nb, int64_t rows,
-                       const int8_t *xq, const float *xd, const float *xs, int64_t K, __m128 *acc) {
-    if (bits == 4) {
-        const uint8_t *q = (const uint8_t *)qs + g * nb * R * 16;
-        const uint16_t *s = dm + g * nb * 2 * R;
-        (isa == 2 ? q4_group_rows_avx512vnni : q4_group_rows_avx2)(q, s, nb, rows, xq, xd, xs, K, acc);
+/* 16 results of row m (columns n0..n0+15, those below N) stored as fp32 or bf16 (round to nearest even). */
+AVX512VNNI static inline void store_row16(void *y, int y_bf16, int64_t off, int64_t n0, int64_t N, __m512 v) {
+    const __mmask16 mask = N - n0 >= L16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n0)) - 1);
+    if (y_bf16) {
+        __m512i u = _mm512_castps_si512(v);
+        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        u = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+        _mm256_mask_storeu_epi16((uint16_t *)y + off + n0, mask, _mm512_cvtepi32_epi16(u));
     } else {
-        const int8_t *q = (const int8_t *)qs + g * nb * R * QK;
-        const uint16_t *s = dm + g * nb * R;
-        (isa == 2 ? q8_group_rows_avx512vnni : q8_group_rows_avx2)(q, s, nb, rows, xq, xd, xs, K, acc);
+        _mm512_mask_storeu_ps((float *)y + off + n0, mask, v);
     }
 }
 
-/* y (M, N) = x (M, K) @ W^T for W in the Q4 (bits 4) or Q8 (bits 8) layout above; K % 32 == 0, N_pad = N
- * rounded up to 4. x and y are fp32 or bf16. Returns 0, or -1 if out of memory. */
+/* Group g (16 weight rows) against all M activation rows, MR16 at a time (the group's weights stay in L1). */
+AVX512VNNI static void group16(int bits, const void *qs, const uint16_t *dm, int64_t g, int64_t nb, int64_t M,
+                               const int8_t *xq, const float *xd, const float *xs, int64_t K, int64_t N, void *y,
+                               int y_bf16) {
+    for (int64_t m0 = 0; m0 < M; m0 += MR16) {
+        __m512 acc[MR16];
+        const int64_t rows = M - m0, o = m0 * K, ob = m0 * nb;
+        if (bits == 4) {
+            const uint8_t *q = (const uint8_t *)qs + g * nb * 4 * 64;
+            CONST_ROWS16(q4_rows16, q, dm + g * nb * 2 * L16, nb, rows, xq + o, xd + ob, xs + ob, K, acc);
+        } else {
+            const int8_t *q = (const int8_t *)qs + g * nb * 8 * 64;
+            CONST_ROWS16(q8_rows16, q, dm + g * nb * L16, nb, rows, xq + o, xd + ob, xs + ob, K, acc);
+        }
+        for (int64_t m = m0; m < M && m < m0 + MR16; m++) store_row16(y, y_bf16, m * N, g * L16, N, acc[m - m0]);
+    }
+}
+
+/* Weight group g (4 rows) against up to MR2 activation rows (AVX2): the rows functions above. */
+static void group_rows_avx2(int bits, const void *qs, const uint16_t *dm, int64_t g, int64_t nb, int64_t rows,
+                            const int8_t *xq, const float *xd, const float *xs, int64_t K, __m128 *acc) {
+    if (bits == 4)
+        q4_group_rows_avx2((const uint8_t *)qs + g * nb * R * 16, dm + g * nb * 2 * R, nb, rows, xq, xd, xs, K, acc);
+    else
+        q8_group_rows_avx2((const int8_t *)qs + g * nb * R * QK, dm + g * nb * R, nb, rows, xq, xd, xs, K, acc);
+}
+
+/* y (M, N) = x (M, K) @ W^T for W in the Q4 (bits 4) or Q8 (bits 8) layout of its isa (16-row groups for isa 2,
+ * 4-row groups otherwise); K % 32 == 0. x and y are fp32 or bf16. Returns 0, or -1 if out of memory. */
 int edgellm_qmatmul(int bits, const void *x, int x_bf16, int64_t M, int64_t K, const void *qs, const uint16_t *dm,
                     int64_t N, void *y, int y_bf16, int isa, int threads) {
-    const int64_t nb = K / QK, groups = (N + R - 1) / R;
+    const int64_t nb = K / QK, lanes = isa == 2 ? L16 : R, groups = (N + lanes - 1) / lanes;
     /* decode's few rows fit on the stack (no allocator call per product); prefill-sized inputs go to the heap */
     enum { STACK_BYTES = 64 * 1024 };
     _Alignas(64) int8_t stack_q[STACK_BYTES];
@@ -467,21 +422,26 @@ int edgellm_qmatmul(int bits, const void *x, int x_bf16, int64_t M, int64_t K, c
         if (!small) free(xq), free(xd), free(xs);
         return -1;
     }
-    const size_t x_row = (size_t)K * (x_bf16 ? 2 : 4);
-    for (int64_t m = 0; m < M; m++)
-        quantize_row((const char *)x + m * x_row, x_bf16, K, xq + m * K, xd + m * nb, xs + m * nb);
 #ifdef _OPENMP
     if (threads < 1) threads = omp_get_max_threads(); /* torch.set_num_threads sets this (same libgomp) */
 #endif
+    const size_t x_row = (size_t)K * (x_bf16 ? 2 : 4);
+    const int qthreads = threads > 1 && M * K >= (1 << 16) ? threads : 1; /* prefill-sized inputs: in parallel */
+#pragma omp parallel for num_threads(qthreads) schedule(static)
+    for (int64_t m = 0; m < M; m++)
+        quantize_row((const char *)x + m * x_row, x_bf16, K, xq + m * K, xd + m * nb, xs + m * nb);
     if (threads < 1 || groups < 2 * threads) threads = 1; /* too little work to split */
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t g = 0; g < groups; g++) {
-        if (M > 1 && (isa == 2 || isa == 0)) { /* several rows: each weight block loaded (and unpacked) once */
-            const int64_t step = isa == 2 ? MR : MR2;
-            for (int64_t m0 = 0; m0 < M; m0 += step) {
-                __m128 acc[MR];
-                group_rows(isa, bits, qs, dm, g, nb, M - m0, xq + m0 * K, xd + m0 * nb, xs + m0 * nb, K, acc);
-                for (int64_t m = m0; m < M && m < m0 + step; m++) store4(y, y_bf16, m * N, g * R, N, acc[m - m0]);
+        if (isa == 2) { /* every activation row against the group, the weights loaded and unpacked once per MR16 */
+            group16(bits, qs, dm, g, nb, M, xq, xd, xs, K, N, y, y_bf16);
+            continue;
+        }
+        if (M > 1 && isa == 0) { /* several rows: each weight block loaded (and unpacked) once */
+            for (int64_t m0 = 0; m0 < M; m0 += MR2) {
+                __m128 acc[MR2];
+                group_rows_avx2(bits, qs, dm, g, nb, M - m0, xq + m0 * K, xd + m0 * nb, xs + m0 * nb, K, acc);
+                for (int64_t m = m0; m < M && m < m0 + MR2; m++) store4(y, y_bf16, m * N, g * R, N, acc[m - m0]);
             }
             continue;
         }
@@ -490,15 +450,13 @@ int edgellm_qmatmul(int bits, const void *x, int x_bf16, int64_t M, int64_t K, c
             if (bits == 4) {
                 const uint8_t *q = (const uint8_t *)qs + g * nb * R * 16;
                 const uint16_t *s = dm + g * nb * 2 * R;
-                acc = isa == 2   ? q4_group_avx512vnni(q, s, nb, xq + m * K, xd + m * nb, xs + m * nb)
-                      : isa == 1 ? q4_group_avxvnni(q, s, nb, xq + m * K, xd + m * nb, xs + m * nb)
-                                 : q4_group_avx2(q, s, nb, xq + m * K, xd + m * nb, xs + m * nb);
+                acc = isa == 1 ? q4_group_avxvnni(q, s, nb, xq + m * K, xd + m * nb, xs + m * nb)
+                               : q4_group_avx2(q, s, nb, xq + m * K, xd + m * nb, xs + m * nb);
             } else {
                 const int8_t *q = (const int8_t *)qs + g * nb * R * QK;
                 const uint16_t *s = dm + g * nb * R;
-                acc = isa == 2   ? q8_group_avx512vnni(q, s, nb, xq + m * K, xd + m * nb, xs + m * nb)
-                      : isa == 1 ? q8_group_avxvnni(q, s, nb, xq + m * K, xd + m * nb)
-                                 : q8_group_avx2(q, s, nb, xq + m * K, xd + m * nb);
+                acc = isa == 1 ? q8_group_avxvnni(q, s, nb, xq + m * K, xd + m * nb)
+                               : q8_group_avx2(q, s, nb, xq + m * K, xd + m * nb);
             }
             store4(y, y_bf16, m * N, g * R, N, acc);
         }
@@ -523,7 +481,7 @@ static inline void store8(void *out, int out_bf16, int64_t idx, __m256 v) {
         _mm256_storeu_ps((float *)out + idx, v);
 }
 
-/* One row of W dequantized on zmm (isa 2), 32 weights per step; the same values as the ymm loop in
+/* 16 weights of a row stored as fp32 or bf16 (isa 2); the same values as the ymm loop in
  * edgellm_qdequant (d * q is exact, so one rounding either way; bf16 by the same round-to-nearest-even). */
 static inline AVX512VNNI void store16(void *out, int out_bf16, int64_t idx, __m512 v) {
     if (out_bf16) {
@@ -536,30 +494,54 @@ static inline AVX512VNNI void store16(void *out, int out_bf16, int64_t idx, __m5
     }
 }
 
-AVX512VNNI static void dequant_row_avx512(int bits, const void *qs, const uint16_t *dm, int64_t nb, int64_t g,
-                                          int64_t r, void *out, int64_t o, int out_bf16) {
-    for (int64_t b = 0; b < nb; b++, o += QK) {
+/* Four chunks (16 rows x 4 bytes each) -> each row's 16 bytes (chunk 0..3 in order) at tmp + 64 (r % 4) + 16 (r / 4):
+ * a 4 x 4 transpose of dwords within each 128-bit lane. */
+AVX512VNNI static inline void rows_of_chunks(const uint8_t *q, uint8_t *tmp) {
+    const __m512i c0 = _mm512_loadu_si512((const void *)q), c1 = _mm512_loadu_si512((const void *)(q + 64));
+    const __m512i c2 = _mm512_loadu_si512((const void *)(q + 128)), c3 = _mm512_loadu_si512((const void *)(q + 192));
+    const __m512i t0 = _mm512_unpacklo_epi32(c0, c1), t1 = _mm512_unpackhi_epi32(c0, c1);
+    const __m512i t2 = _mm512_unpacklo_epi32(c2, c3), t3 = _mm512_unpackhi_epi32(c2, c3);
+    _mm512_storeu_si512((void *)tmp, _mm512_unpacklo_epi64(t0, t2));
+    _mm512_storeu_si512((void *)(tmp + 64), _mm512_unpackhi_epi64(t0, t2));
+    _mm512_storeu_si512((void *)(tmp + 128), _mm512_unpacklo_epi64(t1, t3));
+    _mm512_storeu_si512((void *)(tmp + 192), _mm512_unpackhi_epi64(t1, t3));
+}
+
+/* Rows r0..r1-1 of 16-row group g (isa 2's layout), each written at out + (row - r0) * K + block offset. */
+AVX512VNNI static void dequant_group_avx512(int bits, const void *qs, const uint16_t *dm, int64_t nb, int64_t K,
+                                            int64_t g, int r0, int r1, void *out, int out_bf16) {
+    _Alignas(64) uint8_t tmp[2][256];
+    const __m128i nib = _mm_set1_epi8(0x0F);
+    for (int64_t b = 0; b < nb; b++) {
         if (bits == 4) {
-            const uint8_t *q = (const uint8_t *)qs + ((g * nb + b) * R + r) * 16;
-            const uint16_t *s = dm + (g * nb + b) * 2 * R;
-            const __m512 d = _mm512_set1_ps(_cvtsh_ss(s[r])), mn = _mm512_set1_ps(_cvtsh_ss(s[R + r]));
-            const __m128i v = _mm_loadu_si128((const __m128i *)q), nib = _mm_set1_epi8(0x0F);
-            const __m128i lo = _mm_and_si128(v, nib), hi = _mm_and_si128(_mm_srli_epi16(v, 4), nib);
-            store16(out, out_bf16, o, _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo))), mn));
-            store16(out, out_bf16, o + 16,
-                    _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi))), mn));
+            rows_of_chunks((const uint8_t *)qs + (g * nb + b) * 4 * 64, tmp[0]);
+            const uint16_t *s = dm + (g * nb + b) * 2 * L16;
+            for (int r = r0; r < r1; r++) {
+                const int64_t o = (r - r0) * K + b * QK;
+                const __m512 d = _mm512_set1_ps(_cvtsh_ss(s[r])), mn = _mm512_set1_ps(_cvtsh_ss(s[L16 + r]));
+                const __m128i v = _mm_load_si128((const __m128i *)(tmp[0] + 64 * (r % 4) + 16 * (r / 4)));
+                const __m128i lo = _mm_and_si128(v, nib), hi = _mm_and_si128(_mm_srli_epi16(v, 4), nib);
+                store16(out, out_bf16, o, _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo))), mn));
+                store16(out, out_bf16, o + 16,
+                        _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi))), mn));
+            }
         } else {
-            const int8_t *q = (const int8_t *)qs + ((g * nb + b) * R + r) * QK;
-            const __m512 d = _mm512_set1_ps(_cvtsh_ss(dm[(g * nb + b) * R + r]));
-            for (int i = 0; i < 2; i++) {
-                const __m512i c = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16 * i)));
-                store16(out, out_bf16, o + 16 * i, _mm512_mul_ps(d, _mm512_cvtepi32_ps(c)));
+            const uint8_t *q = (const uint8_t *)qs + (g * nb + b) * 8 * 64;
+            rows_of_chunks(q, tmp[0]);       /* elements 0..15 */
+            rows_of_chunks(q + 256, tmp[1]); /* elements 16..31 */
+            for (int r = r0; r < r1; r++) {
+                const int64_t o = (r - r0) * K + b * QK;
+                const __m512 d = _mm512_set1_ps(_cvtsh_ss(dm[(g * nb + b) * L16 + r]));
+                for (int i = 0; i < 2; i++) {
+                    const __m128i v = _mm_load_si128((const __m128i *)(tmp[i] + 64 * (r % 4) + 16 * (r / 4)));
+                    store16(out, out_bf16, o + 16 * i, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v))));
+                }
             }
         }
     }
 }
 
-/* Rows n0:n1 (n0 % 4 == 0) of W dequantized exactly (d * q + m, or d * q: every product of an fp16 scale and a
+/* Rows n0:n1 (n0 a multiple of the group size) of W dequantized exactly (d * q + m, or d * q: every product of an fp16 scale and a
  * code up to 8 bits is exact in fp32, so one rounding at most), written as out (n1 - n0, K) in fp32 or bf16
  * (rounded once), for the prefill path's dense GEMM. Vectorised (zmm for isa 2, else ymm): this runs over every
  * weight once per prefill, so it must cost a small fraction of the GEMM that follows. */
@@ -570,13 +552,18 @@ void edgellm_qdequant(int bits, const void *qs, const uint16_t *dm, int64_t K, i
     if (threads < 1) threads = omp_get_max_threads();
 #endif
     if (threads < 1 || (n1 - n0) * K < 65536) threads = 1;
+    if (isa == 2) { /* 16-row groups: a group's blocks transposed back to rows once for all its rows */
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t g = n0 / L16; g < (n1 + L16 - 1) / L16; g++) {
+            const int64_t first = g * L16 > n0 ? g * L16 : n0, last = (g + 1) * L16 < n1 ? (g + 1) * L16 : n1;
+            char *o = (char *)out + (first - n0) * K * (out_bf16 ? 2 : 4);
+            dequant_group_avx512(bits, qs, dm, nb, K, g, (int)(first - g * L16), (int)(last - g * L16), o, out_bf16);
+        }
+        return;
+    }
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = n0; n < n1; n++) {
         const int64_t g = n / R, r = n % R, row = (n - n0) * K;
-        if (isa == 2) {
-            dequant_row_avx512(bits, qs, dm, nb, g, r, out, row, out_bf16);
-            continue;
-        }
         for (int64_t b = 0; b < nb; b++) {
             const int64_t o = row + b * QK;
             if (bits == 4) {
