@@ -76,6 +76,30 @@ def test_lookup_drafts_the_continuation_of_the_latest_match() -> None:
     assert d.propose([1, 2, 3, 9, 3], 4, SamplingParams(), None) == ([], None)  # a lone repeated token: no draft
 
 
+def test_lookup_index_equals_a_scan_of_the_growing_context() -> None:
+    """The drafter's n-gram index (grown as the context is appended to) drafts what a scan for the latest earlier
+    occurrence drafts, at every length."""
+    def scan(context: list[int], k: int) -> list[int]:
+        for n in spec.LOOKUP_NGRAM:
+            for i in range(len(context) - n - 1, -1, -1):
+                if context[i:i + n] == context[-n:]:
+                    return context[i + n:i + n + k]
+        return []
+
+    g = torch.Generator().manual_seed(0)
+    d = spec.LookupDrafter()
+    d.start([], 0, 0)
+    context: list[int] = []
+    drafted = 0
+    for _ in range(400):
+        context += torch.randint(0, 6, (int(torch.randint(1, 4, (), generator=g)),), generator=g).tolist()
+        got = d.propose(context, 5, SamplingParams(), None)[0]
+        assert got == scan(context, 5), len(context)
+        drafted += bool(got)
+    assert drafted > 300
+    assert d.propose(context[:50], 5, SamplingParams(), None)[0] == scan(context[:50], 5)  # another list: re-indexed
+
+
 def test_stats_and_errors(tiny_checkpoints) -> None:
     ckpt = tiny_checkpoints["llama"]
     llm = edgellm.load(ckpt, dtype="fp32", speculative="self", draft_k=4)

@@ -73,25 +73,41 @@ def check_k(k: int | None) -> int | None:
 
 # ---------------------------------------------------------------------------------------------- drafters
 class LookupDrafter:
-    """Prompt lookup (see module docstring): deterministic drafts, no model."""
+    """Prompt lookup (see module docstring): deterministic drafts, no model. The latest earlier occurrence of each
+    n-gram is kept in an index grown with the context (one dict lookup per draft instead of a scan of the whole
+    context, ~1 ms a round at 600 tokens in Python), so `propose` expects the list it saw last, appended to; any
+    other list starts a new index."""
 
     name = "lookup"
 
     def __init__(self, ngrams: tuple[int, ...] = LOOKUP_NGRAM) -> None:
         self.ngrams = ngrams
+        self._context: list[int] | None = None
+        self._indexed = 0  # len(context) when the index was last extended
+        self._latest: dict[int, dict[tuple[int, ...], int]] = {}
 
     def start(self, prompt_ids: list[int], cache_len: int, slack: int) -> None:
-        pass
+        self._context = None
+
+    def _index(self, context: list[int]) -> None:
+        """Index every n-gram that some token follows (start i <= len - 1 - n): later starts overwrite earlier."""
+        if context is not self._context or len(context) < self._indexed:
+            self._context, self._indexed = context, 0
+            self._latest = {n: {} for n in self.ngrams}
+        end = len(context)
+        for n, latest in self._latest.items():
+            for i in range(max(0, self._indexed - n), end - n):
+                latest[tuple(context[i:i + n])] = i
+        self._indexed = end
 
     def propose(self, context: list[int], k: int, p: SamplingParams,
                 gen: torch.Generator | None) -> tuple[list[int], torch.Tensor | None]:
-        n_ctx = len(context)
+        self._index(context)
         for n in self.ngrams:
-            tail = context[-n:]
             # latest earlier occurrence of the tail (recent text predicts the continuation best)
-            for i in range(n_ctx - n - 1, -1, -1):
-                if context[i:i + n] == tail:
-                    return context[i + n:i + n + k], None
+            i = self._latest[n].get(tuple(context[-n:]))
+            if i is not None:
+                return context[i + n:i + n + k], None
         return [], None
 
     def accept(self, n_accepted: int) -> None:

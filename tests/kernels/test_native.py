@@ -252,6 +252,16 @@ def test_attention_falls_back_with_a_reason(fresh, monkeypatch):
     assert "no C compiler" in native.reasons["attention_bf16"]           # so that was the torch path
 
 
+@pytest.mark.parametrize("cap,native_march", [(None, True), ("avx512_bf16", True), ("amx", True),
+                                               ("avx512_vnni", True), ("avx_vnni", False), ("avx2", False)])
+def test_a_forced_path_builds_for_the_baseline_only_below_avx512(monkeypatch, cap, native_march):
+    """EDGELLM_ISA=avx2 must not let the compiler emit AVX-512; a cap at an AVX-512 level keeps the kernels that
+    level runs (the AVX512-BF16 attention is compiled out of an x86-64-v3 build)."""
+    monkeypatch.setattr(native.cpu, "forced", lambda: cap)
+    assert ("-march=native" in native._flag_sets("attention_bf16")[0]) == native_march
+    assert "-march=x86-64-v3" in native._flag_sets("qmatmul")[0]  # picks its variants at run time, always
+
+
 def test_status_line_names_each_kernel_tried(monkeypatch):
     monkeypatch.setattr(native, "reasons", {})
     assert native.status() == ""

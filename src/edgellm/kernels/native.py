@@ -78,9 +78,11 @@ def notice(message: str) -> None:
 def _flag_sets(name: str) -> tuple[list[str], ...]:
     """-march=native, except for kernels that pick their instruction set at run time (the x86-64-v3 baseline:
     AVX2/FMA/F16C, VNNI variants by target attribute) and under EDGELLM_ISA, which must not let the compiler
-    emit AVX-512 the forced path is meant to avoid."""
+    emit AVX-512 the forced path is meant to avoid (a cap at an AVX-512 level keeps -march=native: the AVX-512
+    kernels are what that path runs)."""
     extra = EXTRA_FLAGS.get(name, [])
-    if name in BASELINE_KERNELS or cpu.forced() is not None:
+    cap = cpu.forced()
+    if name in BASELINE_KERNELS or (cap is not None and cpu.LEVELS.index(cap) < cpu.LEVELS.index("avx512_vnni")):
         return (["-O3", "-march=x86-64-v3", "-fopenmp", *extra], ["-O3", "-march=x86-64-v3", *extra])
     return tuple([*flags, *extra] for flags in FLAG_SETS)
 
