@@ -290,6 +290,21 @@ def test_decode_attention_matches_sdpa_per_row_and_ignores_the_other_rows(dtype,
     assert attend(q.float() if dtype == torch.bfloat16 else q.bfloat16(), k, v, rows, lo, hi) is None
 
 
+@pytest.mark.parametrize("H,Hkv,D", [(4, 4, 128), (10, 5, 128), (9, 3, 64), (8, 2, 64), (14, 2, 64)])
+def test_decode_attention_heads_sharing_key_loads(H, Hkv, D):
+    """Query heads of a kv head go through the keys three at a time (one load of each key for all): groups of 1,
+    2, 3, 4 (3 + 1) and 7 (3 + 3 + 1) heads, head dims 64 and 128, against the reference."""
+    if native._compiler() is None:
+        pytest.skip("no C compiler")
+    attend = native.decode_attention()
+    g = torch.Generator().manual_seed(H * D)
+    k, v = torch.randn(2, 2, Hkv, 90, D, generator=g)
+    q = torch.randn(2, H, D, generator=g)
+    rows, lo, hi = [1, 0], [0, 3], [89, 44]
+    torch.testing.assert_close(attend(q, k, v, rows, lo, hi), native._decode_attention_reference(q, k, v, rows, lo, hi),
+                               atol=1e-5, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------------ pointwise
 @pytest.fixture
 def pointwise():

@@ -165,43 +165,93 @@ static int attend_group_avx2(int bf16, const void *q, const void *k, const void 
     return 0;
 }
 
-/* D = 64 * nb (head dims 64, 128, ...): the query head's 64-wide block stays in 8 registers while four keys at a
- * time are dotted with it (one horizontal reduction for the four), and the output block accumulates in 8
- * registers over all keys. Same inputs, same order, same result, whatever T or the batch. */
+/* D = 64 * nb (head dims 64, 128, ...). Up to GN = 3 query heads of the group go through the keys together, so each
+ * key (and value) row is loaded and widened once for all of them (not once per head): per head, four keys at a time
+ * are dotted with the head's 64-wide query block (one horizontal reduction for the four), and the output block
+ * accumulates over all keys, 32 dims at a time. Each head's arithmetic is the one-head loop's, in the same order:
+ * same inputs, same result, whatever T, the batch or the number of heads sharing the loads. */
+static inline __attribute__((always_inline)) void scores_d64(int bf16, const float *qf, const void *k,
+                                                           const int64_t *rows, int64_t L, int64_t blk, float *s,
+                                                           int64_t Lp, const int GN) {
+    int64_t j = 0;
+    for (; j + 4 <= L; j += 4) {
+        __m256 a[3][4];
+        for (int u = 0; u < 4; u++) {
+            const int64_t at = rows[j + u] + 64 * blk;
+            __m256 kc = load8(bf16, k, at);
+            for (int g = 0; g < GN; g++) a[g][u] = _mm256_mul_ps(_mm256_load_ps(qf + 64 * g), kc);
+            for (int c = 1; c < 8; c++) {
+                kc = load8(bf16, k, at + 8 * c);
+                for (int g = 0; g < GN; g++) a[g][u] = _mm256_fmadd_ps(_mm256_load_ps(qf + 64 * g + 8 * c), kc, a[g][u]);
+            }
+        }
+        for (int g = 0; g < GN; g++) {
+            const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[g][0], a[g][1]), _mm256_hadd_ps(a[g][2], a[g][3]));
+            __m128 r4 = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)); /* keys j..j+3 */
+            float *sg = s + g * Lp;
+            if (blk) r4 = _mm_add_ps(_mm_loadu_ps(sg + j), r4);
+            _mm_storeu_ps(sg + j, r4);
+        }
+    }
+    for (; j < L; j++) {
+        const int64_t at = rows[j] + 64 * blk;
+        __m256 a[3], kc = load8(bf16, k, at);
+        for (int g = 0; g < GN; g++) a[g] = _mm256_mul_ps(_mm256_load_ps(qf + 64 * g), kc);
+        for (int c = 1; c < 8; c++) {
+            kc = load8(bf16, k, at + 8 * c);
+            for (int g = 0; g < GN; g++) a[g] = _mm256_fmadd_ps(_mm256_load_ps(qf + 64 * g + 8 * c), kc, a[g]);
+        }
+        for (int g = 0; g < GN; g++) s[g * Lp + j] = blk ? s[g * Lp + j] + hsum8(a[g]) : hsum8(a[g]);
+    }
+}
+
+static inline __attribute__((always_inline)) void values_d64(int bf16, const void *v, const int64_t *rows, int64_t L,
+                                                           int64_t blk, const float *s, int64_t Lp, void *out,
+                                                           int64_t q_row, int64_t D, const float *inv, const int GN) {
+    for (int half = 0; half < 2; half++) {
+        __m256 o[3][4];
+        for (int g = 0; g < GN; g++)
+            for (int c = 0; c < 4; c++) o[g][c] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < L; j++) {
+            const int64_t at = rows[j] + 64 * blk + 32 * half;
+            __m256 p[3];
+            for (int g = 0; g < GN; g++) p[g] = _mm256_broadcast_ss(s + g * Lp + j);
+            for (int c = 0; c < 4; c++) {
+                const __m256 vc = load8(bf16, v, at + 8 * c);
+                for (int g = 0; g < GN; g++) o[g][c] = _mm256_fmadd_ps(p[g], vc, o[g][c]);
+            }
+        }
+        for (int g = 0; g < GN; g++)
+            for (int c = 0; c < 4; c++)
+                store8_scaled(bf16, out, (q_row + g) * D + 64 * blk + 32 * half + 8 * c, o[g][c],
+                              _mm256_set1_ps(inv[g]));
+    }
+}
+
 static int attend_group_d64(int bf16, const void *q, const void *k, const void *v, void *out, int64_t q_row,
                             int64_t kv_base, const int64_t *slots, int64_t L, int64_t G, int64_t D, float scale) {
     const int64_t Lp = (L + 7) & ~(int64_t)7, nb = D / 64;
-    float *s = malloc((size_t)(G * Lp) * 4 + (size_t)L * 8);
-    if (!s) return 1;
-    int64_t *rows = (int64_t *)(s + G * Lp); /* element offset of each key row */
+    int64_t *rows = malloc((size_t)L * 8 + (size_t)(G * Lp + G) * 4); /* element offset of each key row */
+    if (!rows) return 1;
+    float *s = (float *)(rows + L), *inv = s + G * Lp;
     for (int64_t j = 0; j < L; j++) rows[j] = (kv_base + (slots ? slots[j] : j)) * D;
-    for (int64_t g = 0; g < G; g++) {
-        float *sg = s + g * Lp;
+    _Alignas(32) float qf[3 * 64];
+    for (int64_t g0 = 0; g0 < G; g0 += 3) { /* scores, up to three heads at a time */
+        const int gn = G - g0 < 3 ? (int)(G - g0) : 3;
         for (int64_t blk = 0; blk < nb; blk++) {
-            __m256 qv[8];
-            for (int c = 0; c < 8; c++) qv[c] = load8(bf16, q, (q_row + g) * D + 64 * blk + 8 * c);
-            int64_t j = 0;
-            for (; j + 4 <= L; j += 4) {
-                __m256 a[4];
-                for (int u = 0; u < 4; u++) {
-                    const int64_t at = rows[j + u] + 64 * blk;
-                    __m256 acc = _mm256_mul_ps(qv[0], load8(bf16, k, at));
-                    for (int c = 1; c < 8; c++) acc = _mm256_fmadd_ps(qv[c], load8(bf16, k, at + 8 * c), acc);
-                    a[u] = acc;
-                }
-                const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-                __m128 r4 = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)); /* keys j..j+3 */
-                if (blk) r4 = _mm_add_ps(_mm_loadu_ps(sg + j), r4);
-                _mm_storeu_ps(sg + j, r4);
-            }
-            for (; j < L; j++) {
-                const int64_t at = rows[j] + 64 * blk;
-                __m256 acc = _mm256_mul_ps(qv[0], load8(bf16, k, at));
-                for (int c = 1; c < 8; c++) acc = _mm256_fmadd_ps(qv[c], load8(bf16, k, at + 8 * c), acc);
-                sg[j] = blk ? sg[j] + hsum8(acc) : hsum8(acc);
-            }
+            for (int g = 0; g < gn; g++)
+                for (int c = 0; c < 8; c++)
+                    _mm256_store_ps(qf + 64 * g + 8 * c, load8(bf16, q, (q_row + g0 + g) * D + 64 * blk + 8 * c));
+            if (gn == 3)
+                scores_d64(bf16, qf, k, rows, L, blk, s + g0 * Lp, Lp, 3);
+            else if (gn == 2)
+                scores_d64(bf16, qf, k, rows, L, blk, s + g0 * Lp, Lp, 2);
+            else
+                scores_d64(bf16, qf, k, rows, L, blk, s + g0 * Lp, Lp, 1);
         }
-        /* softmax in fp32 (the 1/sum is applied to the output) */
+    }
+    for (int64_t g = 0; g < G; g++) { /* softmax in fp32 (the 1/sum is applied to the output) */
+        float *sg = s + g * Lp;
         const __m256 sc = _mm256_set1_ps(scale);
         for (int64_t j = L; j < Lp; j++) sg[j] = -INFINITY;
         __m256 mv = _mm256_set1_ps(-INFINITY), sum = _mm256_setzero_ps();
@@ -216,19 +266,20 @@ static int attend_group_d64(int bf16, const void *q, const void *k, const void *
             _mm256_storeu_ps(sg + j, e);
             sum = _mm256_add_ps(sum, e);
         }
-        const __m256 inv = _mm256_set1_ps(1.f / hsum8(sum));
-        for (int64_t blk = 0; blk < nb; blk++) { /* out = P V, this 64-wide block */
-            __m256 o[8];
-            for (int c = 0; c < 8; c++) o[c] = _mm256_setzero_ps();
-            for (int64_t j = 0; j < L; j++) {
-                const __m256 pj = _mm256_broadcast_ss(sg + j);
-                const int64_t at = rows[j] + 64 * blk;
-                for (int c = 0; c < 8; c++) o[c] = _mm256_fmadd_ps(pj, load8(bf16, v, at + 8 * c), o[c]);
-            }
-            for (int c = 0; c < 8; c++) store8_scaled(bf16, out, (q_row + g) * D + 64 * blk + 8 * c, o[c], inv);
+        inv[g] = 1.f / hsum8(sum);
+    }
+    for (int64_t g0 = 0; g0 < G; g0 += 3) { /* out = P V, up to three heads at a time */
+        const int gn = G - g0 < 3 ? (int)(G - g0) : 3;
+        for (int64_t blk = 0; blk < nb; blk++) {
+            if (gn == 3)
+                values_d64(bf16, v, rows, L, blk, s + g0 * Lp, Lp, out, q_row + g0, D, inv + g0, 3);
+            else if (gn == 2)
+                values_d64(bf16, v, rows, L, blk, s + g0 * Lp, Lp, out, q_row + g0, D, inv + g0, 2);
+            else
+                values_d64(bf16, v, rows, L, blk, s + g0 * Lp, Lp, out, q_row + g0, D, inv + g0, 1);
         }
     }
-    free(s);
+    free(rows);
     return 0;
 }
 #endif
@@ -329,25 +380,31 @@ int edgellm_cache_attention(int bf16, const void *q, const void *k, const void *
 #endif
     if (threads > jobs) threads = (int)jobs;
     if (threads < 1) threads = 1;
+    int64_t *slots = malloc((size_t)(T * S + T) * 8); /* per query t: the slots it sees, in slot order; their count */
+    if (!slots) return 2;
+    int64_t *count = slots + T * S;
 #pragma omp parallel num_threads(threads)
     {
-        int64_t *slots = malloc((size_t)S * 8); /* the slots query t sees, in slot order */
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++) { /* once per query, shared by every (sequence, kv head) */
+            const int64_t p = qpos[t];
+            int64_t L = 0;
+            for (int64_t j = 0; j < S; j++) {
+                const int64_t sp = slot_pos[j];
+                if (sp >= 0 && sp <= p && (window <= 0 || sp > p - window)) slots[t * S + L++] = j;
+            }
+            count[t] = L;
+        }
 #pragma omp for schedule(static)
         for (int64_t job = 0; job < jobs; job++) {
-            const int64_t b = job / (T * Hkv), t = job / Hkv % T, hk = job % Hkv, p = qpos[t];
-            int64_t L = 0;
-            if (slots)
-                for (int64_t j = 0; j < S; j++) {
-                    const int64_t sp = slot_pos[j];
-                    if (sp >= 0 && sp <= p && (window <= 0 || sp > p - window)) slots[L++] = j;
-                }
-            if (!slots || L == 0 || attend_group(bf16, q, k, v, out, (b * T + t) * H + hk * G,
-                                                 (b * Hkv + hk) * S, slots, L, G, D, scale)) {
+            const int64_t b = job / (T * Hkv), t = job / Hkv % T, hk = job % Hkv;
+            if (count[t] == 0 || attend_group(bf16, q, k, v, out, (b * T + t) * H + hk * G, (b * Hkv + hk) * S,
+                                              slots + t * S, count[t], G, D, scale)) {
 #pragma omp atomic write
                 failed = 1;
             }
         }
-        free(slots);
     }
+    free(slots);
     return failed ? 2 : 0;
 }
