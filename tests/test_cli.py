@@ -185,14 +185,16 @@ def test_demo_table(capsys: pytest.CaptureFixture[str], tiny: edgellm.LLM, tiny_
 
 # ---------------------------------------------------------------------------------------------- the real default model
 def test_default_model_answers(capsys: pytest.CaptureFixture[str], captured_llms: list[edgellm.LLM]) -> None:
-    out = run(capsys, "generate", "--chat", "--json", "-n", "16", "What is the capital of France?")
+    # not the bare "What is the capital of France?": its first token is a near-tie ("The" vs "L", within 0.25 in
+    # bf16 logits) that the CPU paths' prefill numerics (int8 activations or not) decide differently
+    question = "What is the capital of France? Answer in one sentence."
+    out = run(capsys, "generate", "--chat", "--json", "-n", "16", question)
     obj = json.loads(out)
     assert "Paris" in obj["text"]
     assert JSON_KEYS <= set(obj) and obj["finish_reason"] in ("eos", "length")
     llm = captured_llms[0]
     assert llm.loaded.format == "gguf" and llm.dtype == torch.bfloat16
-    assert obj["prompt_tokens"] == len(llm.chat_prompt_ids([{"role": "user",
-                                                             "content": "What is the capital of France?"}]))
+    assert obj["prompt_tokens"] == len(llm.chat_prompt_ids([{"role": "user", "content": question}]))
 
 
 def test_default_model_demo(capsys: pytest.CaptureFixture[str], captured_llms: list[edgellm.LLM]) -> None:
