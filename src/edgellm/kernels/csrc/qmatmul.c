@@ -282,6 +282,18 @@ static inline int32_t load_i32(const int8_t *p) {
     return v;
 }
 
+/* One activation block (32 int8 codes at x) against 16 rows' unpacked chunks w[0..7] (w[i]: elements 4i..4i+3
+ * for i < 4, 16 + 4(i-4).. for i >= 4): each int32 lane, one row's exact block dot product. */
+AVX512VNNI static inline __attribute__((always_inline)) __m512i block_dot16(const __m512i *w, const int8_t *x) {
+    __m512i p0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32(load_i32(x)));
+    __m512i p1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[4], _mm512_set1_epi32(load_i32(x + 16)));
+    for (int i = 1; i < 4; i++) {
+        p0 = _mm512_dpbusd_epi32(p0, w[i], _mm512_set1_epi32(load_i32(x + 4 * i)));
+        p1 = _mm512_dpbusd_epi32(p1, w[4 + i], _mm512_set1_epi32(load_i32(x + 16 + 4 * i)));
+    }
+    return _mm512_add_epi32(p0, p1);
+}
+
 /* 16 weight rows (one group) against `rows` (<= MR16) activation rows; out[m] = the 16 rows' products with x_m. */
 AVX512VNNI static inline __attribute__((always_inline)) void q4_rows16(const uint8_t *qs, const uint16_t *dm,
                                                                        int64_t nb, const int rows, const int8_t *xq,
@@ -303,15 +315,8 @@ AVX512VNNI static inline __attribute__((always_inline)) void q4_rows16(const uin
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dm + b * 2 * L16)));
         const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dm + b * 2 * L16 + L16)));
         for (int m = 0; m < rows; m++) {
-            const int8_t *x = xq + m * K + b * QK;
-            __m512i p0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32(load_i32(x)));
-            __m512i p1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[4], _mm512_set1_epi32(load_i32(x + 16)));
-            for (int i = 1; i < 4; i++) {
-                p0 = _mm512_dpbusd_epi32(p0, w[i], _mm512_set1_epi32(load_i32(x + 4 * i)));
-                p1 = _mm512_dpbusd_epi32(p1, w[4 + i], _mm512_set1_epi32(load_i32(x + 16 + 4 * i)));
-            }
             const int64_t xb = m * (K / QK) + b;
-            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(p0, p1)),
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(block_dot16(w, xq + m * K + b * QK)),
                                      _mm512_mul_ps(d, _mm512_set1_ps(xd[xb])), acc[m]);
             acc[m] = _mm512_fmadd_ps(mn, _mm512_set1_ps(xs[xb]), acc[m]);
         }
@@ -335,15 +340,8 @@ AVX512VNNI static inline __attribute__((always_inline)) void q8_rows16(const int
         for (int i = 0; i < 8; i++) u[i] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(q + 64 * i)), bias);
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dm + b * L16)));
         for (int m = 0; m < rows; m++) {
-            const int8_t *x = xq + m * K + b * QK;
-            __m512i p0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[0], _mm512_set1_epi32(load_i32(x)));
-            __m512i p1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[4], _mm512_set1_epi32(load_i32(x + 16)));
-            for (int i = 1; i < 4; i++) {
-                p0 = _mm512_dpbusd_epi32(p0, u[i], _mm512_set1_epi32(load_i32(x + 4 * i)));
-                p1 = _mm512_dpbusd_epi32(p1, u[4 + i], _mm512_set1_epi32(load_i32(x + 16 + 4 * i)));
-            }
             const int64_t xb = m * (K / QK) + b;
-            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(p0, p1)),
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(block_dot16(u, xq + m * K + b * QK)),
                                      _mm512_mul_ps(d, _mm512_set1_ps(xd[xb])), acc[m]);
             acc[m] = _mm512_fmadd_ps(d, _mm512_set1_ps(-128.0f * xs[xb]), acc[m]);
         }
