@@ -172,3 +172,24 @@ def test_blocked_attention_result_does_not_depend_on_the_block_size(monkeypatch)
     mixed = model.blocked_causal_attention(q, k, v, 0)
     monkeypatch.setattr(model, "ATTN_SCORE_BYTES", 0)               # 64-row blocks only
     assert torch.equal(model.blocked_causal_attention(q, k, v, 0), mixed)
+
+
+def test_rope_tables_are_the_correctly_rounded_cos_and_sin() -> None:
+    """Every load computes the same RoPE tables: cos/sin of the fp32 angles, correctly rounded to fp32 (torch's fp32
+    cos gave the calling thread's half of the table ~6e-5 off in some processes, so two loads answered differently)."""
+    import math
+
+    from edgellm import model
+    from edgellm.config import ModelConfig, rope_inv_freq
+
+    cfg = ModelConfig(arch="llama", vocab_size=64, hidden_size=128, intermediate_size=64, num_layers=1, num_heads=4,
+                      num_kv_heads=2, head_dim=32, max_seq_len=4096)
+    tables = model.Transformer(cfg)
+    tables.init_rope()
+    inv = rope_inv_freq(cfg)
+    for pos in (1, 7, 1000, 4095):
+        angles = (torch.tensor(float(pos)) * inv).tolist()  # fp32 products, as the table's
+        want_cos = torch.tensor([math.cos(a) for a in angles], dtype=torch.float64).float()
+        want_sin = torch.tensor([math.sin(a) for a in angles], dtype=torch.float64).float()
+        assert torch.equal(tables.rope_cos[pos, :16], want_cos) and torch.equal(tables.rope_cos[pos, 16:], want_cos)
+        assert torch.equal(tables.rope_sin[pos, 16:], want_sin) and torch.equal(tables.rope_sin[pos, :16], -want_sin)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -442,8 +443,12 @@ class Transformer(nn.Module):
         rope_cos = [cos, cos] and rope_sin = [-sin, sin] per position (the sign of rotate_half, see apply_rope)."""
         n = max_len or self.config.max_seq_len
         inv_freq = rope_inv_freq(self.config)                                # (D/2,)
-        freqs = torch.arange(n, dtype=torch.float32)[:, None] * inv_freq[None, :]  # (n, D/2)
-        cos, sin = freqs.cos(), freqs.sin()
+        freqs = torch.arange(n, dtype=torch.float32)[:, None] * inv_freq[None, :]  # (n, D/2), fp32 angles as HF
+        # cos/sin in float64 by numpy on this thread, rounded once to fp32: torch's fp32 cos was seen to return values
+        # off by ~6e-5 for the calling thread's half of the table in some processes (the first model loaded), which
+        # made two loads of one checkpoint answer differently; this is the correctly rounded table every time.
+        angles = freqs.double().numpy()
+        cos, sin = torch.from_numpy(np.cos(angles)).float(), torch.from_numpy(np.sin(angles)).float()
         self.rope_cos = torch.cat([cos, cos], dim=-1)                        # (n, D)
         self.rope_sin = torch.cat([-sin, sin], dim=-1)
 
