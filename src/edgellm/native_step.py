@@ -143,9 +143,8 @@ class NativeStep:
         B, T = tokens.shape
         attn = m.layers[0].self_attn
         cache = attn.cache
-        if B * T >= min(BlockQLinear.DENSE_FROM_ROWS, m.layers[0].mlp.down_proj.dense_from_rows) or \
-                not cache.k.is_contiguous():
-            return None  # decode and verification sizes only (the eager model may take the dense products)
+        if B * T >= BlockQLinear.DENSE_FROM_ROWS or not cache.k.is_contiguous():
+            return None  # decode and verification sizes only (no kernel's dense_from_rows is below this)
         if rows is None and (not attn.cache_kernel or cache.k.shape[0] != B):
             return None  # ... or a masked attention in torch
         rows_attention = None
