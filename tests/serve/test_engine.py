@@ -143,3 +143,89 @@ def test_default_model_engine_decodes_in_c_as_the_eager_batch_step(default_gguf)
     m.use_caches(engine.pool)
     last, rows, pos = torch.tensor([[ids[-1]] for ids in seqs]), [2, 0], [len(ids) - 1 for ids in seqs]
     assert torch.equal(engine.native.batch_step(last, rows, pos), m.batch_decode_step(last, rows, pos))
+
+
+def run_requests(engine: Engine, reqs: list[tuple[list[int], SamplingParams]]) -> list[tuple[list[int], dict]]:
+    """Submit every request at once, drive the engine on this thread until all are done."""
+    results: list = [None] * len(reqs)
+    for i, (ids, params) in enumerate(reqs):
+        toks: list[int] = []
+
+        def emit(kind, payload, i=i, toks=toks):
+            if kind == "tokens":
+                toks.extend(t.token for t in payload if t.token >= 0)
+            else:
+                results[i] = (toks, payload)
+
+        engine.submit(Request(ids, params, emit))
+    engine.run_until_done()
+    return results
+
+
+def speculation_cases(tok) -> list[tuple[list[int], SamplingParams]]:
+    prompts = ["Obama is the man who is the man who is the man who is the man who",
+               "red, green, blue, red, green, blue, red, green, blue, red,",
+               "def add(a, b):\n    return a + b\n\ndef add(a, b):\n", "The capital of France is"]
+    ids = [tok.encode(p) for p in prompts]
+    return [(ids[0], SamplingParams(max_new_tokens=40, ignore_eos=True)),
+            (ids[1], SamplingParams(max_new_tokens=33, ignore_eos=True)),
+            (ids[2], SamplingParams(max_new_tokens=30, temperature=0.8, top_k=20, seed=7, ignore_eos=True)),
+            (ids[0], SamplingParams(max_new_tokens=40, stop=["who is the man who is the man who is the man who is"],
+                                    repetition_penalty=1.1)),
+            (ids[3], SamplingParams(max_new_tokens=25))]
+
+
+@pytest.mark.parametrize("source", ["default", "tiny-llama"])
+@torch.inference_mode()
+def test_lookup_speculation_answers_exactly_as_plain_decoding(default_gguf, tiny_checkpoints, source):
+    """Prompt lookup in the batched step (drafts as extra entries of the request's own row) changes nothing but
+    the number of steps: greedy, seeded sampling, stop strings, repetition penalty and max_tokens give the same
+    tokens and finish reasons as the engine without it, and drafts were actually made and kept."""
+    llm = edgellm.load(default_gguf) if source == "default" else edgellm.load(tiny_checkpoints["llama"], dtype="fp32")
+    cases = speculation_cases(llm.tokenizer)
+    plain = run_requests(Engine(llm.model, llm.tokenizer, parallel=3, ctx=128, max_queue=8), cases)
+    for k in (None, 2):
+        spec = Engine(llm.model, llm.tokenizer, parallel=3, ctx=128, max_queue=8, speculative="lookup", draft_k=k)
+        assert (spec.native is not None) == (source == "default")
+        assert run_requests(spec, cases) == plain
+        counters = spec.metrics.counters
+        assert counters["draft_tokens_accepted_total"] > 0, counters
+        if source == "default":  # the copying prompts: most drafts are kept
+            assert counters["draft_tokens_accepted_total"] > counters["draft_tokens_total"] / 2, counters
+    assert [d["completion_tokens"] for _, d in plain[:3]] == [40, 33, 30]
+
+
+def test_lookup_drafts_stay_inside_the_context_and_the_step(default_gguf):
+    """A request that fills its row to the last slot ends with 'length' exactly there, and no step exceeds the
+    entries that keep every product on the per-row kernel."""
+    from edgellm.serve import engine as engine_mod
+
+    llm = edgellm.load(default_gguf)
+    ids = llm.tokenizer.encode("a b c d e f g a b c d e f g a b c d e f g a b c d")
+    sizes: list[int] = []
+    spec = Engine(llm.model, llm.tokenizer, parallel=2, ctx=48, max_queue=4, speculative="lookup", draft_k=16)
+    step = spec.native.batch_step
+
+    def counted(tokens, rows, pos):
+        sizes.append(len(rows))
+        assert max(pos) < spec.ctx
+        return step(tokens, rows, pos)
+
+    spec.native.batch_step = counted
+    reqs = [(ids, SamplingParams(max_new_tokens=200, ignore_eos=True))] * 2
+    (toks, done), (toks2, _) = run_requests(spec, reqs)
+    # every position of the row was fed; the token sampled after the last one is the answer's last
+    assert done["finish_reason"] == "length" and len(ids) + len(toks) == spec.ctx + 1 and toks2 == toks
+    plain = Engine(llm.model, llm.tokenizer, parallel=2, ctx=48, max_queue=4)
+    assert run_requests(plain, reqs)[0] == (toks, done)
+    assert max(sizes) <= engine_mod.STEP_ENTRIES and max(sizes) > 2  # drafts were verified
+
+
+def test_engine_speculates_with_lookup_only(tiny_checkpoints):
+    from edgellm.errors import InvalidArgumentError
+
+    llm = edgellm.load(tiny_checkpoints["llama"], dtype="fp32")
+    with pytest.raises(InvalidArgumentError, match="lookup"):
+        Engine(llm.model, llm.tokenizer, parallel=2, ctx=64, max_queue=4, speculative="self")
+    with pytest.raises(InvalidArgumentError, match="draft length"):
+        Engine(llm.model, llm.tokenizer, parallel=2, ctx=64, max_queue=4, speculative="lookup", draft_k=0)

@@ -411,3 +411,29 @@ def test_a_full_queue_answers_503_with_retry_after():
                 == 503 and time.time() < deadline:
             time.sleep(0.1)
         assert s == 200
+
+
+def test_a_speculating_server_answers_as_the_plain_one(client, model_id):
+    """`--speculative lookup`: the same completions as the module's plain server, streamed and not, greedy and
+    seeded, several at once; /metrics counts drafted and kept tokens."""
+    prompts = ["Obama is the man who is the man who is the man who is the man who",
+               "red, green, blue, red, green, blue, red, green, blue, red,", "Once upon a time"]
+    kw = [dict(temperature=0), dict(temperature=0.9, seed=5), dict(temperature=0)]
+
+    def answers(c) -> list[str]:
+        with cf.ThreadPoolExecutor(3) as pool:
+            full = list(pool.map(lambda a: c.completions.create(model=model_id, prompt=a[0], max_tokens=48, **a[1])
+                                 .choices[0].text, zip(prompts, kw, strict=True)))
+        streamed = ["".join(ch.choices[0].text for ch in c.completions.create(
+            model=model_id, prompt=p, max_tokens=48, stream=True, **k) if ch.choices) for p, k in zip(prompts, kw,
+                                                                                                    strict=True)]
+        return full + streamed
+
+    plain = answers(client)
+    for srv in start_server("--parallel", "3", "--ctx-size", str(CTX), "--speculative", "lookup"):
+        spec = openai.OpenAI(base_url=f"http://127.0.0.1:{srv['port']}/v1", api_key=KEY, max_retries=0, timeout=120)
+        assert answers(spec) == plain
+        metrics = request(srv["port"], "GET", "/metrics")[2].decode()
+        kept = int(next(line.split()[1] for line in metrics.splitlines()
+                        if line.startswith("edgellm_draft_tokens_accepted_total ")))
+        assert kept > 20, metrics

@@ -52,6 +52,8 @@ class ServerConfig:
     model_id: str | None = None
     adapter: str | None = None  # a PEFT LoRA adapter folder
     threads: int | None = None  # compute threads (None: torch's count in the process that creates the app)
+    speculative: str | None = None  # "lookup": prompt-lookup drafts verified in the batched step (engine.py)
+    draft_k: int | None = None      # fixed draft length; None: adaptive per request
 
 
 class ApiError(Exception):
@@ -94,7 +96,8 @@ class Server:
 
             llm = api.load(self.cfg.model, dtype=self.cfg.dtype, adapter=self.cfg.adapter)
             ctx = min(self.cfg.ctx_size, llm.config.max_seq_len)
-            engine = Engine(llm.model, llm.tokenizer, self.cfg.parallel, ctx, self.cfg.max_queue, self.metrics)
+            engine = Engine(llm.model, llm.tokenizer, self.cfg.parallel, ctx, self.cfg.max_queue, self.metrics,
+                            speculative=self.cfg.speculative, draft_k=self.cfg.draft_k)
             self.grammars = GrammarFactory(llm.tokenizer, llm.config.vocab_size)
             self.model_id = self.cfg.model_id or model_id_of(llm.loaded.path)
             self.llm = llm

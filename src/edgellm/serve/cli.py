@@ -26,6 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cors", action="append", default=[], metavar="ORIGIN", help="allowed CORS origin (repeatable)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, the physical cores)")
     p.add_argument("--model-id", default=None, help="the model name clients send (default: the file/folder name)")
+    p.add_argument("--speculative", choices=["lookup"], default=None,
+                   help="lookup: each request drafts from n-grams of its own prompt and answer; the drafts are "
+                        "verified in the batched step (same answers, fewer steps when the answer copies its input)")
+    p.add_argument("--draft-k", type=int, default=None, help="tokens per draft, 1..16; default adaptive per request")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 
@@ -42,13 +46,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         value = getattr(args, name[2:].replace("-", "_"))
         if value < low:
             raise InvalidArgumentError(f"{name} must be >= {low} (got {value})")
+    if args.draft_k is not None and args.speculative is None:
+        raise InvalidArgumentError("--draft-k needs --speculative lookup")
+    from ..speculative import check_k
+
+    check_k(args.draft_k)
     import uvicorn
 
     from .app import ServerConfig, create_app
 
     cfg = ServerConfig(model=args.model, dtype=args.dtype, parallel=args.parallel, ctx_size=args.ctx_size,
                        max_queue=args.max_queue, api_key=args.api_key, max_body_bytes=args.max_body,
-                       cors=tuple(args.cors), model_id=args.model_id, adapter=args.adapter, threads=args.threads)
+                       cors=tuple(args.cors), model_id=args.model_id, adapter=args.adapter, threads=args.threads,
+                       speculative=args.speculative, draft_k=args.draft_k)
     app = create_app(cfg)
     print(f"edgellm: serving on http://{args.host}:{args.port} (OpenAI API under /v1; GET /health is 503 until "
           f"the model is loaded)", file=sys.stderr, flush=True)

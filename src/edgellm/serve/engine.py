@@ -6,6 +6,17 @@ decode step (`Transformer.batch_decode_step`, or one C call for block-quantized 
 its own position); a finished or cancelled request leaves before the next step and its row keeps its tokens for
 prompt-prefix reuse.
 
+Speculation (`speculative="lookup"`): a row whose text so far ends in an n-gram seen earlier in its prompt or answer
+(speculative.LookupDrafter) also feeds the tokens that followed it, as extra entries of the same batched step: the
+same cache row at the next positions (the step writes every entry's keys/values before any entry attends, and
+entry j sees its row's keys up to its own position, so the entries form a causal verify). The outputs are then
+taken one position at a time through exactly the sampling code a plain step uses (penalties, bias, grammar, the
+request's generator) and the row stops at the first sampled token that differs from the draft. Every entry's
+logits equal what a plain step at that position computes (the C step's rows are computed alone), so greedy and
+seeded answers equal plain decoding token for token: speculation changes only how many steps an answer takes.
+Rejected entries leave keys/values beyond the row's position, which the next step overwrites before anyone
+attends to them.
+
 Prefix reuse is exact: prefills run in fixed chunks of PREFILL_CHUNK positions (chunk boundaries at multiples of
 PREFILL_CHUNK from position 0) and only whole chunks written by a prefill are reused. A reused chunk therefore
 holds exactly the keys/values a fresh prefill would compute, and, with the batched step's per-row attention, an
@@ -28,14 +39,20 @@ from typing import Any
 
 import torch
 
+from ..errors import InvalidArgumentError
 from ..generate import SamplingParams, apply_repetition_penalty, filter_logits
+from ..kernels.blocklinear import BlockQLinear
 from ..model import KVCache, Transformer
 from ..native_step import NativeStep
+from ..speculative import K_START, K_STEPS, LookupDrafter, check_k
 from ..tokenizer import Tokenizer
 from .grammar import Matcher
 from .metrics import Metrics
 
 PREFILL_CHUNK = 64  # positions per prefill call; also the granularity of prefix reuse
+# entries (rows + drafted tokens) in one batched step: below BlockQLinear.DENSE_FROM_ROWS, so every product stays
+# on the per-row int8 kernel (a larger step would take dense GEMMs and round unlike a plain step)
+STEP_ENTRIES = BlockQLinear.DENSE_FROM_ROWS - 1
 
 
 @dataclass
@@ -74,7 +91,7 @@ class Row:
 class Sequence:
     """A request running in a row."""
 
-    def __init__(self, req: Request, row: Row, reused: int, tokenizer: Tokenizer) -> None:
+    def __init__(self, req: Request, row: Row, reused: int, tokenizer: Tokenizer, speculate: bool, k: int) -> None:
         self.req, self.row = req, row
         self.p = req.params
         self.pos = reused                 # next position to compute
@@ -87,6 +104,9 @@ class Sequence:
         self.hold = max((len(s) for s in self.p.stop), default=1) - 1
         self.t_first: float | None = None
         self.t_last = 0.0
+        self.context = list(req.prompt_ids)  # prompt + generated tokens: what lookup drafts from
+        self.drafter = LookupDrafter() if speculate else None
+        self.k = k                         # the next draft length (adaptive unless the engine fixes it)
 
     @property
     def prefilling(self) -> bool:
@@ -97,7 +117,14 @@ class Engine:
     """Owns the model (nothing else may run it) and a background thread."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, parallel: int, ctx: int, max_queue: int,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, speculative: str | None = None, draft_k: int | None = None) -> None:
+        """speculative: None or "lookup" (see the module docstring); draft_k: a fixed draft length, None = adaptive
+        per request (speculative.K_STEPS: up after a fully kept draft, down when fewer than half were kept)."""
+        if speculative not in (None, "lookup"):
+            raise InvalidArgumentError(
+                f"the server speculates with prompt lookup only (--speculative lookup), not {speculative!r}: 'self' "
+                f"and 'draft' need a second model with a batched cache of its own")
+        self.speculative, self.draft_k = speculative, check_k(draft_k)
         cfg = model.config
         self.model, self.tokenizer = model, tokenizer
         self.parallel, self.ctx, self.max_queue = parallel, ctx, max_queue
@@ -239,7 +266,7 @@ class Engine:
         assert best is not None
         del best.tokens[best_reuse:]
         best.exact = best_reuse
-        seq = Sequence(req, best, best_reuse, self.tokenizer)
+        seq = Sequence(req, best, best_reuse, self.tokenizer, self.speculative is not None, self.draft_k or K_START)
         best.seq = seq
         self.running.append(seq)
         self.metrics.prompt_tokens(len(ids), best_reuse)
@@ -257,20 +284,56 @@ class Engine:
         if end == len(ids):
             self._accept(seq, logits.float())
 
+    def _drafts(self, seqs: list[Sequence]) -> list[list[int]]:
+        """Each sequence's drafted tokens: none without speculation, else lookup drafts within the step's entry
+        budget (longest adaptive K first), the cache row's length and the tokens the request may still generate."""
+        drafts: list[list[int]] = [[] for _ in seqs]
+        if self.speculative is None:
+            return drafts
+        budget = STEP_ENTRIES - len(seqs)
+        for i in sorted(range(len(seqs)), key=lambda i: -seqs[i].k):
+            seq = seqs[i]
+            k = min(seq.k, budget, self.ctx - 1 - seq.pos, seq.p.max_new_tokens - len(seq.generated) - 1)
+            if k > 0:
+                drafts[i], _ = seq.drafter.propose(seq.context, k, seq.p, None)
+                budget -= len(drafts[i])
+        return drafts
+
     def _decode(self, seqs: list[Sequence]) -> None:
         self.model.use_caches(self.pool)
-        tokens = torch.tensor([[s.next_token] for s in seqs])
-        rows, pos = [s.row.index for s in seqs], [s.pos for s in seqs]
+        feeds = [[s.next_token, *d] for s, d in zip(seqs, self._drafts(seqs), strict=True)]
+        # one entry per fed token: a sequence's drafts follow its token in its own row at the next positions
+        tokens = torch.tensor([[t] for f in feeds for t in f])
+        rows = [s.row.index for s, f in zip(seqs, feeds, strict=True) for _ in f]
+        pos = [s.pos + j for s, f in zip(seqs, feeds, strict=True) for j in range(len(f))]
         step = self.native.batch_step if self.native is not None else self.model.batch_decode_step
-        logits = step(tokens, rows, pos)  # (B, V)
-        for i, seq in enumerate(seqs):
-            seq.row.tokens.append(seq.next_token)
-            seq.pos += 1
-            seq.next_token = None
+        logits = step(tokens, rows, pos)  # (entries, V)
+        at = 0
+        for seq, feed in zip(seqs, feeds, strict=True):
+            kept = 0
             try:
-                self._accept(seq, logits[i])
+                for j, token in enumerate(feed):
+                    seq.row.tokens.append(token)
+                    seq.pos += 1
+                    seq.next_token = None
+                    self._accept(seq, logits[at + j])
+                    if seq.next_token is None or j + 1 == len(feed) or seq.next_token != feed[j + 1]:
+                        break
+                    kept += 1  # the sampled token is the draft fed next: its logits are already computed
             except Exception as e:  # one request's sampling problem must not fail the others
                 self._finish(seq, None, error=f"internal error: {type(e).__name__}: {e}")
+            at += len(feed)
+            if len(feed) > 1:
+                self._adapt(seq, len(feed) - 1, kept)
+
+    def _adapt(self, seq: Sequence, drafted: int, kept: int) -> None:
+        self.metrics.drafted(drafted, kept)
+        if self.draft_k is None:
+            i = K_STEPS.index(seq.k)
+            if kept == drafted == seq.k:
+                seq.k = K_STEPS[min(i + 1, len(K_STEPS) - 1)]
+            elif 2 * kept < drafted:
+                seq.k = K_STEPS[max(i - 1, 0)]
 
     def _accept(self, seq: Sequence, logits: torch.Tensor) -> None:
         """Sample the next token from fp32 logits (V,), hand out its text, or finish the sequence."""
@@ -303,6 +366,7 @@ class Engine:
         if req.matcher is not None:
             req.matcher.consume(token)
         seq.generated.append(token)
+        seq.context.append(token)
         self.metrics.generated(1)
         out = TokenOut(token, seq.decoder.push(token))
         if req.logprobs is not None:

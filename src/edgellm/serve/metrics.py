@@ -33,7 +33,8 @@ class Metrics:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.counters = {"requests_total": 0, "prompt_tokens_total": 0, "prompt_tokens_cached_total": 0,
-                         "generated_tokens_total": 0, "requests_rejected_total": 0}
+                         "generated_tokens_total": 0, "requests_rejected_total": 0,
+                         "draft_tokens_total": 0, "draft_tokens_accepted_total": 0}
         self.finished: dict[str, int] = {}
         self.gauges = {"requests_running": 0, "requests_waiting": 0, "kv_slots_used": 0, "kv_slots_total": 0}
         self.ttft = Histogram(TTFT_BUCKETS)
@@ -55,6 +56,12 @@ class Metrics:
     def generated(self, n: int) -> None:
         with self._lock:
             self.counters["generated_tokens_total"] += n
+
+    def drafted(self, n: int, accepted: int) -> None:
+        """Speculation: n tokens drafted for one sequence in one step, `accepted` of them kept."""
+        with self._lock:
+            self.counters["draft_tokens_total"] += n
+            self.counters["draft_tokens_accepted_total"] += accepted
 
     def first_token(self, seconds: float) -> None:
         with self._lock:
