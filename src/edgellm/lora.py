@@ -26,6 +26,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import CorruptCheckpointError, InvalidArgumentError, UnsupportedModelError
+from .kernels import train_ops
 
 PEFT_PREFIX = "base_model.model.model."
 ADAPTER_CONFIG = "adapter_config.json"
@@ -134,15 +135,19 @@ def frozen_linear(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- the module
 class LoRADropout(nn.Dropout):
-    """nn.Dropout whose mask comes from fp32 uniforms (kept where u >= p): the same Bernoulli(1 - p) mask and
-    1 / (1 - p) scaling, drawn ~1.8x faster on CPU than torch's bernoulli_ (4.5 -> 2.5 ms for a 4 x 256-token
-    bf16 batch of the default model; two draws per layer were ~9 % of a LoRA step)."""
+    """nn.Dropout (keep with probability 1 - p, scale 1 / (1 - p)) through kernels/train_ops.dropout: the mask is a
+    hash of a seed drawn from torch's generator and the element index, recomputed in backward (one pass each way,
+    no mask kept; torch's uniform draws were 1.5 of the 2.5 ms a dropout took per layer of a 4 x 256-token bf16
+    batch of the default model). Where that kernel is missing, a mask from fp32 uniforms (u >= p)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
         if self.p == 1:
             return torch.zeros_like(x)
+        y = train_ops.dropout(x, self.p)
+        if y is not None:
+            return y
         keep = torch.rand(x.shape, dtype=torch.float32, device=x.device) >= self.p
         return x * (keep.to(x.dtype) / (1 - self.p))
 
@@ -183,21 +188,30 @@ class LoRALinear(nn.Module):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """The LoRA update of every output row (zeros where no projection is adapted)."""
+        return self._add_update(x, None)
+
+    def _add_update(self, x: torch.Tensor, base_out: torch.Tensor | None) -> torch.Tensor:
+        """base_out (or 0) + the LoRA update: every adapted projection's A in one product (xd @ [A_q; A_k; ...]^T,
+        the rank-r intermediates side by side) and their B's, scaled, as one block-diagonal matrix in a second,
+        which adds into base_out (addmm): one pass for what was a product pair, a scaling, zero fill and concat
+        per projection plus the sum. The same sum as PEFT's per-projection `lora_B(lora_A(x)) * scaling` up to
+        rounding (the scaling is applied to B before the product, not to its result)."""
         xd = self.dropout(x)
-        parts, pos = [], 0
-        for name, r0, r1 in self.slices:
-            key = name.split(".")[-1]
-            if r0 > pos:
-                parts.append(x.new_zeros(*x.shape[:-1], r0 - pos))
-            a, b = self.lora_A[key], self.lora_B[key]
-            parts.append(F.linear(F.linear(xd, a.to(x.dtype)), b.to(x.dtype)) * self.scaling[key])
-            pos = r1
-        if pos < self.out_features:
-            parts.append(x.new_zeros(*x.shape[:-1], self.out_features - pos))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        keys = [name.split(".")[-1] for name, _, _ in self.slices]
+        a = torch.cat([self.lora_A[k] for k in keys]).to(x.dtype)      # (r total, in)
+        b = torch.block_diag(*[self.lora_B[k] * self.scaling[k] for k in keys]).to(x.dtype)  # (adapted rows, r total)
+        rows = [r for _, r0, r1 in self.slices for r in range(r0, r1)]  # output rows of b's rows
+        if rows != list(range(self.out_features)):  # some projection not adapted: its rows of b are zero
+            b = b.new_zeros(self.out_features, b.shape[1]).index_copy(0, torch.tensor(rows), b)
+        u = F.linear(xd, a)                                             # (..., r total)
+        lead = x.shape[:-1]
+        if base_out is None:
+            return F.linear(u, b)
+        out = torch.addmm(base_out.reshape(-1, self.out_features), u.reshape(-1, u.shape[-1]), b.T)
+        return out.view(*lead, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return frozen_linear(self.base, x) + self.delta(x)
+        return self._add_update(x, frozen_linear(self.base, x))
 
     def merged_weight_delta(self) -> torch.Tensor:
         """scaling * B @ A for every output row, fp32 (out, in)."""

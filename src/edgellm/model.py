@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, rope_inv_freq
-from .kernels import cache_attention, native
+from .kernels import cache_attention, native, train_ops
 
 
 @dataclass
@@ -47,6 +47,9 @@ class RMSNorm(nn.Module):
             y = kernels.rmsnorm(x, self.weight, self.eps)  # the formula below in one pass (C)
             if y is not None:
                 return y
+        elif torch.is_grad_enabled() and x.requires_grad and (y := train_ops.rmsnorm(x, self.weight, self.eps)) \
+                is not None:  # training: the same formula, one pass each way (kernels/train_ops.py)
+            return y
         # Normalise in fp32 and cast back before the weight multiply, as HF does (matters in bf16).
         dtype = x.dtype
         x32 = x.float()
@@ -158,6 +161,26 @@ def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     Scores and probabilities are rounded to the input dtype, as in HF's eager bf16 attention. Every query
     row's result is the same whatever the block size.
     """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return _BlockedAttention.apply(q, k, v, start)
+    return _blocked_forward(q, k, v, start, None)
+
+
+def _blocks(B: int, H: int, T: int, start: int, element_size: int) -> list[tuple[int, int]]:
+    """The query blocks [i, e) of blocked_causal_attention: ATTN_BLOCK_WIDE rows while the block's scores stay
+    within ATTN_SCORE_BYTES, else ATTN_BLOCK."""
+    out, i = [], 0
+    while i < T:
+        wide = B * H * ATTN_BLOCK_WIDE * (start + min(T, i + ATTN_BLOCK_WIDE)) * element_size <= ATTN_SCORE_BYTES
+        e = min(T, i + (ATTN_BLOCK_WIDE if wide else ATTN_BLOCK))
+        out.append((i, e))
+        i = e
+    return out
+
+
+def _blocked_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                     probs: list[torch.Tensor] | None) -> torch.Tensor:
+    """blocked_causal_attention's computation; each block's probabilities appended to `probs` if given."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     G = H // Hkv
@@ -165,11 +188,8 @@ def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     kk = k[:, :, :start + T].reshape(B * Hkv, start + T, D)           # (B*Hkv, L, D)
     vv = v[:, :, :start + T].reshape(B * Hkv, start + T, D)
     tri = torch.full((ATTN_BLOCK_WIDE, ATTN_BLOCK_WIDE), float("-inf"), dtype=q.dtype).triu_(1)
-    outs = []
-    i = 0
-    while i < T:
-        wide = B * H * ATTN_BLOCK_WIDE * (start + min(T, i + ATTN_BLOCK_WIDE)) * q.element_size() <= ATTN_SCORE_BYTES
-        e = min(T, i + (ATTN_BLOCK_WIDE if wide else ATTN_BLOCK))
+    y = q.new_empty(B * Hkv, G, T, D)
+    for i, e in _blocks(B, H, T, start, q.element_size()):
         t, L = e - i, start + e                                       # queries in this block, keys they see
         qi = qs[:, :, i:e].reshape(B * Hkv, G * t, D)
         s = torch.bmm(qi, kk[:, :L].transpose(1, 2)).view(B * Hkv, G, t, L)  # (B*Hkv, G, t, L)
@@ -177,10 +197,52 @@ def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         # softmax straight on bf16 accumulates in fp32 and rounds once, like softmax(dtype=fp32).to(bf16)
         # (bit-identical here), but torch's CPU kernel for that is ~8x faster than the fp32-output one.
         p = torch.softmax(s, dim=-1).view(B * Hkv, G * t, L)
-        outs.append(torch.bmm(p, vv[:, :L]).view(B * Hkv, G, t, D))
-        i = e
-    y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)        # (B*Hkv, G, T, D)
+        if probs is not None:
+            probs.append(p)
+        y[:, :, i:e] = torch.bmm(p, vv[:, :L]).view(B * Hkv, G, t, D)
     return y.view(B, H, T, D)
+
+
+class _BlockedAttention(torch.autograd.Function):
+    """blocked_causal_attention with its backward written out: per block, the softmax backward and four bmm whose
+    key/value gradients add into one buffer in place. Autograd of the forward's slices instead made a zero-filled
+    full-size gradient per block and slice and summed them (~0.1 s of a 1.3 s LoRA step on the default model)."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:  # noqa: ANN001
+        probs: list[torch.Tensor] = []
+        y = _blocked_forward(q, k, v, start, probs)
+        ctx.save_for_backward(q, k, v, *probs)
+        ctx.start = start
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:  # noqa: ANN001
+        q, k, v, *probs = ctx.saved_tensors
+        start = ctx.start
+        B, H, T, D = q.shape
+        Hkv, S = k.shape[1], k.shape[2]
+        G, L_all = H // Hkv, start + T
+        qs = (q * D ** -0.5).reshape(B * Hkv, G, T, D)
+        kk = k[:, :, :L_all].reshape(B * Hkv, L_all, D)
+        vv = v[:, :, :L_all].reshape(B * Hkv, L_all, D)
+        gy = gy.to(q.dtype).reshape(B * Hkv, G, T, D)
+        dqs = torch.empty_like(qs)
+        dk = k.new_zeros(B * Hkv, L_all, D)
+        dv = v.new_zeros(B * Hkv, L_all, D)
+        for (i, e), p in zip(_blocks(B, H, T, start, q.element_size()), probs, strict=True):
+            t, L = e - i, start + e
+            dy = gy[:, :, i:e].reshape(B * Hkv, G * t, D)
+            qi = qs[:, :, i:e].reshape(B * Hkv, G * t, D)
+            dv[:, :L].baddbmm_(p.transpose(1, 2), dy)                        # (L, Gt) @ (Gt, D)
+            ds = torch._softmax_backward_data(torch.bmm(dy, vv[:, :L].transpose(1, 2)), p, -1, p.dtype)
+            dqs[:, :, i:e] = torch.bmm(ds, kk[:, :L]).view(B * Hkv, G, t, D)
+            dk[:, :L].baddbmm_(ds.transpose(1, 2), qi)
+        dq = (dqs * D ** -0.5).view(B, H, T, D)
+        dk, dv = dk.view(B, Hkv, L_all, D), dv.view(B, Hkv, L_all, D)
+        if S > L_all:  # keys past the queries' positions (a longer cache) get no gradient
+            dk, dv = F.pad(dk, (0, 0, 0, S - L_all)), F.pad(dv, (0, 0, 0, S - L_all))
+        return dq, dk, dv, None
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
@@ -224,6 +286,9 @@ class Attention(nn.Module):
         H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
         qkv = self.qkv_proj(x)                                          # (B, T, (H + 2 Hkv) D)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        if torch.is_grad_enabled() and qkv.requires_grad and cos.dim() == 2 and (
+                qkv_heads := train_ops.rope_qkv(qkv, H, Hkv, cos, sin)) is not None:
+            return qkv_heads  # training: one pass each way (kernels/train_ops.py)
         # q and k are adjacent in the fused projection: rotate both heads' sets in one pass (in place in C, the
         # same bits as apply_rope, where no gradient needs the unrotated values).
         qk = qkv[..., :self.cfg.q_size + self.cfg.kv_size].view(B, T, H + Hkv, D)
@@ -385,6 +450,8 @@ class MLP(nn.Module):
             act = kernels.silu_mul(gate_up)                     # (B, T, I): the line below in one pass (C)
             if act is not None:
                 return self.down_proj(act)
+        elif torch.is_grad_enabled() and gate_up.requires_grad and (act := train_ops.silu_mul(gate_up)) is not None:
+            return self.down_proj(act)                          # training: fused forward and backward
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 

@@ -5,13 +5,15 @@ The training counterpart of the seeds' inference table: weights, gradients, opti
 - lora: frozen weights in the compute dtype; LoRA weights, gradients and moments in fp32 (16 B per LoRA parameter).
 - qlora: frozen linears in 4-bit blocks (Q4_1: 5 bits per weight with its scale and minimum), the rest as lora.
 Activations are what autograd keeps for backward in edgellm's training forward (per token and layer, counted
-tensor by tensor in `activation_bytes_per_token`), plus one chunk of the chunked cross-entropy.
+tensor by tensor in `activation_bytes_per_token`, for the fused training ops of kernels/train_ops.py: where those
+cannot be built, eager torch keeps more), plus one chunk of the chunked cross-entropy.
 
 Two more rows make the total a resident-memory estimate rather than a tensor count (measured with
 scripts/bench_finetune.py on the default model; docs/FINETUNING.md has the numbers):
 - workspace: backward's transient gradients and the forward temporaries that glibc's allocator keeps after they
-  are freed, WORKSPACE_FRACTION of the activations. Measured ~0.3-0.45x at 512, 1,024 and 2,048 tokens per step
-  (returning freed memory at once instead costs ~30 % of the training speed, so the runtime keeps it).
+  are freed, WORKSPACE_FRACTION of the activations. Measured ~0.6-1.1x at 512, 1,024 and 2,048 tokens per step
+  since the fused training ops keep less (the transient gradients did not shrink with them; 0.3-0.45x before);
+  returning freed memory at once instead costs ~30 % of the training speed, so the runtime keeps it.
 - runtime: what a training process holds beyond its tensors once the model is loaded (tokenizer, autograd and
   thread-pool state, module objects): RUNTIME_BYTES, measured ~0.13-0.14 GB for the default model.
 """
@@ -26,8 +28,8 @@ from ..model import ATTN_BLOCK_WIDE, blocked_training_attention
 
 METHODS = ("full", "lora", "qlora")
 QLORA_BITS = 5.0        # Q4_1 / int4 g32 with fp16 scale + minimum per 32 weights
-CE_CHUNK_BYTES = (1 << 23) * 12  # logits chunk: bf16/fp32 logits, their fp32 copy and gradient
-WORKSPACE_FRACTION = 0.35  # backward transients + allocator-kept temporaries, per byte of activations (measured)
+CE_CHUNK_BYTES = (1 << 23) * 4  # one chunk of logits, its gradient written over it (finetune/train.py)
+WORKSPACE_FRACTION = 0.6  # backward transients + allocator-kept temporaries, per byte of activations (measured)
 RUNTIME_BYTES = 0.15e9     # the training process beyond its tensors (measured on the default model)
 
 
@@ -65,23 +67,25 @@ def activation_bytes_per_token(config: ModelConfig, b: int, targets: tuple[str, 
     C, q, kv, inter, H = c.hidden_size, c.q_size, c.kv_size, c.intermediate_size, c.num_heads
     if grad_checkpoint:
         return b * C  # the layer input only; one layer's full set is recomputed at a time
-    norms = 2 * (4 * C + 4 + b * C)                     # fp32 input + rsqrt, normalised output (x2 norms)
-    attn = b * (q + 2 * kv) + b * (q + kv) + 2 * b * q  # qkv out, rotated q/k, attention out + copy
+    # the fused training ops (kernels/train_ops.py) keep: each RMSNorm its input; the RoPE'd q, k and v (one
+    # tensor); the SiLU-gate its gate_up input; LoRA's dropout nothing (its mask is recomputed in backward)
+    norms = 2 * b * C
+    attn = b * (q + 2 * kv)
     if b == 4 or not blocked_training_attention(batch, H, seqlen, b):
-        attn += 4 * H                                   # SDPA's log-sum-exp
-    else:  # half precision: model.blocked_causal_attention keeps the scaled q and each block's probabilities over
-        # the keys it sees (a query at position t of a block of `ATTN_BLOCK_WIDE` rows: up to the block's end)
-        attn += b * q + b * H * (seqlen + ATTN_BLOCK_WIDE) / 2
-    mlp = 4 * b * inter                                 # gate_up out, silu(gate), product (down's input)
+        attn += b * q + 4 * H                           # SDPA's output and log-sum-exp
+    else:  # half precision: model.blocked_causal_attention keeps each block's probabilities over the keys it sees
+        # (a query at position t of a block of `ATTN_BLOCK_WIDE` rows: up to the block's end)
+        attn += b * H * (seqlen + ATTN_BLOCK_WIDE) / 2
+    mlp = 2 * b * inter                                 # gate_up out (silu(gate) * up is recomputed)
     extra = 0.0
-    if lora:  # dropout output + mask of each adapted input (+ the rank-r intermediate, negligible)
+    if lora:  # the dropout output of each adapted input, kept by its A product (+ the rank-r intermediate)
         ins = {"q": C, "k": C, "v": C, "o": q, "gate": C, "up": C, "down": inter}
         seen = set()
         for t in targets:
             key = "qkv" if t in "qkv" else ("gu" if t in ("gate", "up") else t)
             if key not in seen:
                 seen.add(key)
-                extra += 2 * b * ins[t]
+                extra += b * ins[t]
     return norms + attn + mlp + extra
 
 

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import InvalidArgumentError
+from ..kernels import train_ops
 from ..lora import LoRALinear, LoRASettings, frozen_linear, lora_modules, save_adapter
 from .data import IGNORE, Example, collate, micro_batch
 
@@ -39,14 +40,26 @@ class _ChunkedCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, labels: torch.Tensor, head: nn.Module) -> torch.Tensor:  # type: ignore[override]
         vocab = head.out_features
-        step = max(1, CE_CHUNK_ELEMS // vocab)
+        # the fused kernel keeps one chunk of logits in the compute dtype (gradient in place); torch's path an fp32
+        # copy and its gradient too: the same bytes for twice the rows in bf16 (fewer passes over the head)
+        fused = train_ops.cross_entropy_available(h.dtype)
+        step = max(1, CE_CHUNK_ELEMS * (4 // h.element_size() if fused else 1) // vocab)
         need_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(h) if need_grad else None
         total = torch.zeros((), dtype=torch.float32)
         for i in range(0, h.shape[0], step):
             hc = h[i:i + step].detach().requires_grad_(need_grad)
             with torch.enable_grad():
-                loss = F.cross_entropy(frozen_linear(head, hc).float(), labels[i:i + step], reduction="sum")
+                logits = frozen_linear(head, hc)                              # (rows, V)
+            # the loss and d loss / d logits in one C call (in place over the logits), else log_softmax in torch
+            rows = train_ops.cross_entropy_(logits.detach(), labels[i:i + step])
+            if rows is not None:
+                if need_grad:
+                    grad[i:i + step] = torch.autograd.grad(logits, hc, logits.detach())[0]
+                total += rows.sum()
+                continue
+            with torch.enable_grad():
+                loss = F.cross_entropy(logits.float(), labels[i:i + step], reduction="sum")
             if need_grad:
                 grad[i:i + step] = torch.autograd.grad(loss, hc)[0]
             total += loss.detach()

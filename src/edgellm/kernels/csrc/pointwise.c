@@ -134,3 +134,160 @@ void edgellm_rope(int bf16, void *x, int64_t rows, int64_t T, int64_t heads, int
         }
     }
 }
+
+/* Backward passes for training (kernels/train_ops.py), fp32 inside a row, one rounding at the end:
+ *   rmsnorm_backward: dx = inv * g - x * inv^3 * sum(g * x) / C, g = gy * w, inv = 1 / sqrt(mean(x^2) + eps)
+ *                     (the weight is frozen: no dw);
+ *   silu_mul_backward: d gate = ga * u * s * (1 + gate * (1 - s)), d up = ga * silu(gate), s = sigmoid(gate),
+ *                      written as dgu (rows, 2 I) = [d gate | d up].
+ * Torch's autograd rounds its bf16 intermediates (gy * w, ga * u, ...) on the way; these do not, so they differ
+ * from it by about a bf16 rounding step in bf16 and by float noise in fp32. */
+void edgellm_rmsnorm_backward(int bf16, const void *x, const void *w, const void *gy, void *dx, int64_t rows,
+                              int64_t C, float eps, int threads) {
+#pragma omp parallel for num_threads(threads < 1 ? 1 : threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        float ss = 0.f, dot = 0.f;
+        if (bf16) {
+            const uint16_t *xr = (const uint16_t *)x + r * C, *wr = (const uint16_t *)w, *gr = (const uint16_t *)gy + r * C;
+            uint16_t *o = (uint16_t *)dx + r * C;
+#pragma omp simd reduction(+ : ss, dot)
+            for (int64_t c = 0; c < C; c++) {
+                const float xc = from_bf16(xr[c]);
+                ss += xc * xc;
+                dot += from_bf16(gr[c]) * from_bf16(wr[c]) * xc;
+            }
+            const float inv = 1.f / sqrtf(ss / (float)C + eps), k = inv * inv * inv * dot / (float)C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; c++)
+                o[c] = to_bf16(inv * from_bf16(gr[c]) * from_bf16(wr[c]) - from_bf16(xr[c]) * k);
+        } else {
+            const float *xr = (const float *)x + r * C, *wr = (const float *)w, *gr = (const float *)gy + r * C;
+            float *o = (float *)dx + r * C;
+#pragma omp simd reduction(+ : ss, dot)
+            for (int64_t c = 0; c < C; c++) {
+                ss += xr[c] * xr[c];
+                dot += gr[c] * wr[c] * xr[c];
+            }
+            const float inv = 1.f / sqrtf(ss / (float)C + eps), k = inv * inv * inv * dot / (float)C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; c++) o[c] = inv * gr[c] * wr[c] - xr[c] * k;
+        }
+    }
+}
+
+static inline float sigmoid(float g) { /* 1 / (1 + exp(-g)), exp clamped as silu's */
+    const float a = -g < -87.f ? -87.f : (-g > 88.f ? 88.f : -g);
+    const float e = -g > 88.f ? INFINITY : exp_approx(a);
+    return 1.f / (1.f + e);
+}
+
+void edgellm_silu_mul_backward(int bf16, const void *gu, const void *ga, void *dgu, int64_t rows, int64_t I,
+                               int threads) {
+#pragma omp parallel for num_threads(threads < 1 ? 1 : threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        if (bf16) {
+            const uint16_t *g = (const uint16_t *)gu + r * 2 * I, *u = g + I, *a = (const uint16_t *)ga + r * I;
+            uint16_t *dg = (uint16_t *)dgu + r * 2 * I, *du = dg + I;
+#pragma omp simd
+            for (int64_t i = 0; i < I; i++) {
+                const float gi = from_bf16(g[i]), s = sigmoid(gi), ai = from_bf16(a[i]);
+                dg[i] = to_bf16(ai * from_bf16(u[i]) * s * (1.f + gi * (1.f - s)));
+                du[i] = to_bf16(ai * gi * s);
+            }
+        } else {
+            const float *g = (const float *)gu + r * 2 * I, *u = g + I, *a = (const float *)ga + r * I;
+            float *dg = (float *)dgu + r * 2 * I, *du = dg + I;
+#pragma omp simd
+            for (int64_t i = 0; i < I; i++) {
+                const float s = sigmoid(g[i]);
+                dg[i] = a[i] * u[i] * s * (1.f + g[i] * (1.f - s));
+                du[i] = a[i] * g[i] * s;
+            }
+        }
+    }
+}
+
+/* Dropout with a mask that is a function of (seed, element index), so the backward recomputes it instead of
+ * keeping it: element i is kept when hash(seed, i) >= threshold (threshold = round(p 2^32): P(drop) = p within
+ * 2^-32) and then scaled by `scale` (1 / (1 - p)), rounded once. hash: Chris Wellons' lowbias32 of
+ * i * golden ratio + seed (well mixed, vectorizes: 32-bit multiplies and shifts). out may be x (in place). */
+static inline uint32_t mask_hash(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7feb352dU;
+    x ^= x >> 15;
+    x *= 0x846ca68bU;
+    x ^= x >> 16;
+    return x;
+}
+
+void edgellm_dropout(int bf16, const void *x, void *out, int64_t n, uint32_t seed, uint32_t threshold, float scale,
+                     int threads) {
+    const int64_t chunk = 1 << 16, chunks = (n + chunk - 1) / chunk;
+#pragma omp parallel for num_threads(threads < 1 ? 1 : threads) schedule(static)
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t end = (c + 1) * chunk < n ? (c + 1) * chunk : n;
+        if (bf16) {
+            const uint16_t *xi = (const uint16_t *)x;
+            uint16_t *o = (uint16_t *)out;
+#pragma omp simd
+            for (int64_t i = c * chunk; i < end; i++) {
+                const float keep = mask_hash((uint32_t)i * 0x9E3779B9U + seed) >= threshold ? scale : 0.f;
+                o[i] = to_bf16(from_bf16(xi[i]) * keep);
+            }
+        } else {
+            const float *xi = (const float *)x;
+            float *o = (float *)out;
+#pragma omp simd
+            for (int64_t i = c * chunk; i < end; i++) {
+                const float keep = mask_hash((uint32_t)i * 0x9E3779B9U + seed) >= threshold ? scale : 0.f;
+                o[i] = xi[i] * keep;
+            }
+        }
+    }
+}
+
+/* Cross-entropy of each row of logits (rows, V) against its label, with its gradient: loss[r] = logsumexp(row) -
+ * row[label] and grad = softmax(row) - onehot(label), both in fp32 from the (fp32 or bf16) logits, the gradient
+ * stored in the logits' dtype at grad (which may be the logits themselves). Two passes over a row: max and the sum
+ * of exponentials, then the gradient. Returns 0, or 1 if a label is outside 0..V-1. */
+int edgellm_cross_entropy(int bf16, const void *logits, int64_t rows, int64_t V, const int64_t *labels, float *loss,
+                          void *grad, int threads) {
+    int bad = 0;
+#pragma omp parallel for num_threads(threads < 1 ? 1 : threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t y = labels[r];
+        if (y < 0 || y >= V) {
+#pragma omp atomic write
+            bad = 1;
+            continue;
+        }
+        float m = -INFINITY, s = 0.f;
+        if (bf16) {
+            const uint16_t *l = (const uint16_t *)logits + r * V;
+            uint16_t *g = (uint16_t *)grad + r * V;
+#pragma omp simd reduction(max : m)
+            for (int64_t j = 0; j < V; j++) m = from_bf16(l[j]) > m ? from_bf16(l[j]) : m;
+#pragma omp simd reduction(+ : s)
+            for (int64_t j = 0; j < V; j++) s += exp_approx(from_bf16(l[j]) - m < -87.f ? -87.f : from_bf16(l[j]) - m);
+            const float ly = from_bf16(l[y]), inv = 1.f / s;
+            loss[r] = logf(s) + m - ly;
+#pragma omp simd
+            for (int64_t j = 0; j < V; j++)
+                g[j] = to_bf16(exp_approx(from_bf16(l[j]) - m < -87.f ? -87.f : from_bf16(l[j]) - m) * inv);
+            g[y] = to_bf16(exp_approx(ly - m < -87.f ? -87.f : ly - m) * inv - 1.f);
+        } else {
+            const float *l = (const float *)logits + r * V;
+            float *g = (float *)grad + r * V;
+#pragma omp simd reduction(max : m)
+            for (int64_t j = 0; j < V; j++) m = l[j] > m ? l[j] : m;
+#pragma omp simd reduction(+ : s)
+            for (int64_t j = 0; j < V; j++) s += exp_approx(l[j] - m < -87.f ? -87.f : l[j] - m);
+            const float ly = l[y], inv = 1.f / s;
+            loss[r] = logf(s) + m - ly;
+#pragma omp simd
+            for (int64_t j = 0; j < V; j++) g[j] = exp_approx(l[j] - m < -87.f ? -87.f : l[j] - m) * inv;
+            g[y] = exp_approx(ly - m < -87.f ? -87.f : ly - m) * inv - 1.f;
+        }
+    }
+    return bad;
+}
