@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import InvalidArgumentError
+from ..info import count_parameters
 from ..kernels import train_ops
 from ..lora import LoRALinear, LoRASettings, frozen_linear, lora_modules, save_adapter
 from .data import IGNORE, Example, collate, micro_batch
@@ -283,7 +284,8 @@ class Trainer:
 def trainable_summary(model: nn.Module) -> str:
     mods = lora_modules(model)
     n = sum(p.numel() for m in mods.values() for p in m.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters()) - n
+    # the base model's size from its config: 4-bit bases keep their weights as buffers, not parameters
+    total = count_parameters(model.config).total
     return f"{len(mods)} LoRA-wrapped linears, trainable params {n:,} ({100 * n / max(1, total + n):.3f} %)"
 
 
