@@ -308,6 +308,7 @@ class Engine:
         pos = [s.pos + j for s, f in zip(seqs, feeds, strict=True) for j in range(len(f))]
         step = self.native.batch_step if self.native is not None else self.model.batch_decode_step
         logits = step(tokens, rows, pos)  # (entries, V)
+        greedy = logits.argmax(-1).tolist()  # one call for every entry (per row: ~0.1 ms each)
         at = 0
         for seq, feed in zip(seqs, feeds, strict=True):
             kept = 0
@@ -316,7 +317,7 @@ class Engine:
                     seq.row.tokens.append(token)
                     seq.pos += 1
                     seq.next_token = None
-                    self._accept(seq, logits[at + j])
+                    self._accept(seq, logits[at + j], greedy[at + j])
                     if seq.next_token is None or j + 1 == len(feed) or seq.next_token != feed[j + 1]:
                         break
                     kept += 1  # the sampled token is the draft fed next: its logits are already computed
@@ -335,9 +336,11 @@ class Engine:
             elif 2 * kept < drafted:
                 seq.k = K_STEPS[max(i - 1, 0)]
 
-    def _accept(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """Sample the next token from fp32 logits (V,), hand out its text, or finish the sequence."""
+    def _accept(self, seq: Sequence, logits: torch.Tensor, argmax: int | None = None) -> None:
+        """Sample the next token from fp32 logits (V,), hand out its text, or finish the sequence. argmax: the
+        logits' argmax if already known (greedy requests that change no logit take it)."""
         req, p = seq.req, seq.p
+        plain = not req.logit_bias and p.repetition_penalty == 1.0 and req.matcher is None
         if req.logit_bias:
             ids = torch.tensor(list(req.logit_bias))
             logits = logits.index_add(0, ids, torch.tensor(list(req.logit_bias.values()), dtype=logits.dtype))
@@ -350,7 +353,7 @@ class Engine:
                 return self._finish(seq, None, error=f"response_format: {req.matcher.error or 'no valid token'}")
             logits = logits.masked_fill(~allowed, float("-inf"))
         if p.temperature == 0:
-            token = int(logits.argmax())
+            token = argmax if argmax is not None and plain else int(logits.argmax())
         else:
             probs = filter_logits(logits, p).softmax(-1)
             token = int(torch.multinomial(probs, 1, generator=seq.gen))
