@@ -171,3 +171,12 @@ def test_serve_task_drives_a_real_server(capsys):
     assert not ours["error"] and [s["streams"] for s in ours["summaries"]] == [1, 2]
     assert all(s["failed"] == 0 and s["tokens_per_s"] > 0 for s in ours["summaries"])
     assert out["goal"] is None and "cpu_path" in out  # the goal is judged at 8 streams, not run here
+
+
+def test_serve_task_passes_lookup_speculation_to_our_server(capsys):
+    from edgellm.bench_serve import ours_command
+
+    assert ours_command("m.gguf", 8000, 4, 256, 2, "lookup")[-2:] == ["--speculative", "lookup"]
+    assert "--speculative" not in ours_command("m.gguf", 8000, 4, 256, 2)
+    assert cli.main(["bench", "--task", "serve", "--speculative", "self", "--streams", "1"]) == 2
+    assert "--speculative lookup" in capsys.readouterr().err

@@ -24,6 +24,7 @@ Arguments read from the `bench` parser (`args`):
     --repeat                rounds per engine; medians are reported (the issue's setting is 3)
     --peer llamacpp         also run `python -m llama_cpp.server` (import it from PYTHONPATH or the venv)
     --threads               both servers' threads (default: physical cores)
+    --speculative lookup    our server drafts by prompt lookup (serve --speculative lookup)
     --json                  one JSON object on stdout instead of tables
 
 The issue's settings: edgellm bench --task serve --peer llamacpp --streams 1 4 8 16 --new-tokens 64 --repeat 3
@@ -204,10 +205,11 @@ class Server:
         self.output.close()
 
 
-def ours_command(model: str, port: int, parallel: int, ctx: int, threads: int) -> list[str]:
+def ours_command(model: str, port: int, parallel: int, ctx: int, threads: int,
+                 speculative: str | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "edgellm.cli", "serve", "--model", model, "--host", "127.0.0.1",
            "--port", str(port), "--parallel", str(parallel), "--ctx-size", str(ctx), "--threads", str(threads)]
-    return cmd
+    return cmd + (["--speculative", speculative] if speculative else [])
 
 
 def peer_command(gguf: str, port: int, ctx: int, threads: int) -> list[str]:
@@ -580,6 +582,12 @@ def run(args: argparse.Namespace) -> int:
         print("error: --streams, --requests-per-stream, --new-tokens, --repeat and --parallel must be >= 1",
               file=sys.stderr)
         return 2
+    methods = list(getattr(args, "speculative", None) or [])
+    if methods not in ([], ["lookup"]) or getattr(args, "draft_k", None):
+        print("error: the serve task takes --speculative lookup (the server's own drafts; no --draft-k)",
+              file=sys.stderr)
+        return 2
+    speculative = methods[0] if methods else None
     threads = getattr(args, "threads", None)
     if not threads:
         from .bench import physical_cores
@@ -600,11 +608,12 @@ def run(args: argparse.Namespace) -> int:
     meta: dict[str, Any] = {"task": "serve", "cpu": cpu.cpu_name(), "cpu_path": cpu.summary(),
                             "paths": cpu.paths(), "threads": threads, "model": str(model_path),
                             "prompts": source, "streams": streams, "requests_per_stream": rps,
-                            "new_tokens": new_tokens, "repeat": repeat, "parallel": parallel, "ctx_size": ctx}
+                            "new_tokens": new_tokens, "repeat": repeat, "parallel": parallel, "ctx_size": ctx,
+                            "speculative": speculative}
     runs: list[EngineRun] = []
     rc = 0
     port = free_port()
-    runs.append(bench_server(OURS, ours_command(str(model_path), port, parallel, ctx, threads), port, plan,
+    runs.append(bench_server(OURS, ours_command(str(model_path), port, parallel, ctx, threads, speculative), port, plan,
                              repeat, streams, new_tokens, warmup_prompts, log))
     rc = 1 if runs[-1].error else 0
     for peer in peers:
