@@ -9,6 +9,8 @@ one pass backward, and only the layer input is kept. Dropout's mask is a hash of
 from torch's generator (so runs are reproducible and resumable): one pass each way and no mask kept (torch's
 uniform draws were 1.5 ms of the 2.5 ms a LoRA dropout took per layer). The cross-entropy replaces the fp32 copy
 of the logits, log_softmax and its backward (~0.15 s of a step: 49,152 logits per token) by two passes per row.
+Together with model._BlockedAttention and lora.LoRALinear's two-product update, a LoRA step of the default model
+(4 x 256 tokens, bf16, AMX) went from 1.80 to 1.07-1.10 s (docs/FINETUNING.md, session 14).
 
 The backward kernels compute in fp32 and round once (autograd's bf16 path rounds its intermediates), so gradients
 differ from eager torch's by about one bf16 rounding step in bf16 and by float noise in fp32 (checked against fp32
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +30,17 @@ import torch.nn.functional as F
 from . import native
 
 
+class _Kernels(NamedTuple):
+    forward: native.Pointwise  # rmsnorm, silu_mul, rope_ (the inference kernels)
+    rmsnorm_backward: ctypes._CFuncPtr
+    silu_mul_backward: ctypes._CFuncPtr
+    dropout: ctypes._CFuncPtr
+    cross_entropy: ctypes._CFuncPtr
+
+
 @functools.cache
-def _kernels() -> tuple | None:
-    """(pointwise forward kernels, rmsnorm_backward, silu_mul_backward), or None (reason in native.reasons)."""
+def _kernels() -> _Kernels | None:
+    """csrc/pointwise.c's training kernels, checked against autograd, or None (reason in native.reasons)."""
     forward = native.pointwise()
     fns = native._functions("pointwise", "edgellm_rmsnorm_backward", "edgellm_silu_mul_backward", "edgellm_dropout",
                             "edgellm_cross_entropy")
@@ -44,7 +55,7 @@ def _kernels() -> tuple | None:
                      ctypes.c_float, ctypes.c_int]
     rms_bwd.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
     silu_bwd.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
-    kernels = (forward, rms_bwd, silu_bwd, drop, ce)
+    kernels = _Kernels(forward, rms_bwd, silu_bwd, drop, ce)
     return native._verified("pointwise_backward", kernels, _self_check)
 
 
@@ -55,7 +66,7 @@ def _bf16(t: torch.Tensor) -> int:
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # noqa: ANN001
-        forward = _kernels()[0]
+        forward = _kernels().forward
         ctx.save_for_backward(x, weight)
         ctx.eps = eps
         return forward.rmsnorm(x, weight, eps)
@@ -66,15 +77,15 @@ class _RMSNorm(torch.autograd.Function):
         gy = gy.to(x.dtype).contiguous()
         dx = torch.empty_like(x)
         C = x.shape[-1]
-        _kernels()[1](_bf16(x), x.data_ptr(), weight.data_ptr(), gy.data_ptr(), dx.data_ptr(), x.numel() // C, C,
-                      ctx.eps, torch.get_num_threads())
+        _kernels().rmsnorm_backward(_bf16(x), x.data_ptr(), weight.data_ptr(), gy.data_ptr(), dx.data_ptr(),
+                                    x.numel() // C, C, ctx.eps, torch.get_num_threads())
         return dx, None, None
 
 
 class _SiluMul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        forward = _kernels()[0]
+        forward = _kernels().forward
         ctx.save_for_backward(gate_up)
         return forward.silu_mul(gate_up)
 
@@ -84,8 +95,8 @@ class _SiluMul(torch.autograd.Function):
         ga = ga.to(gate_up.dtype).contiguous()
         dgu = torch.empty_like(gate_up)
         two_i = gate_up.shape[-1]
-        _kernels()[2](_bf16(gate_up), gate_up.data_ptr(), ga.data_ptr(), dgu.data_ptr(), gate_up.numel() // two_i,
-                      two_i // 2, torch.get_num_threads())
+        _kernels().silu_mul_backward(_bf16(gate_up), gate_up.data_ptr(), ga.data_ptr(), dgu.data_ptr(),
+                                     gate_up.numel() // two_i, two_i // 2, torch.get_num_threads())
         return dgu
 
 
@@ -102,7 +113,8 @@ class _Dropout(torch.autograd.Function):
 
 def _apply_mask(x: torch.Tensor, seed: int, threshold: int, scale: float) -> torch.Tensor:
     out = torch.empty_like(x)
-    _kernels()[3](_bf16(x), x.data_ptr(), out.data_ptr(), x.numel(), seed, threshold, scale, torch.get_num_threads())
+    _kernels().dropout(_bf16(x), x.data_ptr(), out.data_ptr(), x.numel(), seed, threshold, scale,
+                       torch.get_num_threads())
     return out
 
 
@@ -127,7 +139,7 @@ def cross_entropy_(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor |
         return None
     labels = labels.to(torch.int64).contiguous()
     loss = torch.empty(logits.shape[0], dtype=torch.float32)
-    if _kernels()[4](_bf16(logits), logits.data_ptr(), logits.shape[0], logits.shape[1], labels.data_ptr(),
+    if _kernels().cross_entropy(_bf16(logits), logits.data_ptr(), logits.shape[0], logits.shape[1], labels.data_ptr(),
                      loss.data_ptr(), logits.data_ptr(), torch.get_num_threads()):
         raise IndexError(f"a label is outside the vocabulary of {logits.shape[1]} tokens")
     return loss
@@ -200,7 +212,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     return _SiluMul.apply(gate_up.contiguous())
 
 
-def _self_check(kernels: tuple) -> bool:
+def _self_check(kernels: _Kernels) -> bool:
     """Both backward kernels against fp32 autograd of the eager formulas: fp32 within 1e-5, bf16 within a bf16
     rounding step of the fp32 gradient (relative to the row's largest)."""
     _, rms_bwd, silu_bwd, drop, ce = kernels
