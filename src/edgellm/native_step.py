@@ -136,16 +136,19 @@ class NativeStep:
         bias = 0 if lin.bias is None else lin.bias.data_ptr()
         return [lin.bits, lin.qs.data_ptr(), lin.dm.data_ptr(), bias]
 
-    def _hidden(self, tokens: torch.Tensor, pos: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor | None:
+    def _hidden(self, tokens: torch.Tensor, pos: torch.Tensor, rows: list[int] | None = None,
+                prefill: bool = False) -> torch.Tensor | None:
         """The final-normed hidden states (B, T, C), or None where the eager step must run instead. rows: the cache
-        row of each sequence (T = 1, pos (B,): each its own position), as `Transformer.batch_decode_step`."""
+        row of each sequence (T = 1, pos (B,): each its own position), as `Transformer.batch_decode_step`.
+        prefill: a prompt chunk of the serving engine (see `prefill`), not bound to equal an eager step."""
         m = self.model
         B, T = tokens.shape
         attn = m.layers[0].self_attn
         cache = attn.cache
-        if B * T >= BlockQLinear.DENSE_FROM_ROWS or not cache.k.is_contiguous():
+        limit = self.prefill_rows() if prefill else BlockQLinear.DENSE_FROM_ROWS
+        if B * T >= limit or not cache.k.is_contiguous():
             return None  # decode and verification sizes only (no kernel's dense_from_rows is below this)
-        if rows is None and (not attn.cache_kernel or cache.k.shape[0] != B):
+        if rows is None and ((not attn.cache_kernel and not prefill) or cache.k.shape[0] != B):
             return None  # ... or a masked attention in torch
         rows_attention = None
         if rows is not None:
@@ -183,6 +186,26 @@ class NativeStep:
         if hidden is None:
             return self.model.verify_step(tokens, pos)
         return self.model.lm_head(hidden).float()
+
+    def prefill_rows(self) -> int:
+        """Prompt chunks shorter than this run in C (`prefill`): the sizes at which the eager forward's products
+        also take the int8 kernel (BlockQLinear.dense_from_rows: AVX512-VNNI CPUs, below 96 rows with AMX), so only
+        the ~15 ms of eager glue per call goes. Elsewhere (AVX2: dense GEMMs from 32 rows) eager stays."""
+        lin = self.model.layers[0].self_attn.qkv_proj
+        return lin.dense_from_rows if lin.isa == 2 else 0
+
+    def prefill(self, tokens: torch.Tensor, start: int) -> torch.Tensor | None:
+        """A prompt chunk (1, T) at positions start.. through the verify step (each token's keys/values and logits
+        exactly as T decode steps would compute them), into the model's current caches (a pooled row's views, slot
+        == position) -> the last token's logits (V,), fp32; None where the eager forward must run."""
+        T = tokens.shape[1]
+        m = self.model
+        if m.rope_cos is None or m.rope_cos.shape[0] < start + T:
+            return None
+        hidden = self._hidden(tokens, torch.arange(start, start + T), prefill=True)
+        if hidden is None:
+            return None
+        return m.lm_head(hidden[:, -1:])[0, -1].float()
 
     def batch_step(self, tokens: torch.Tensor, rows: list[int], pos: list[int]) -> torch.Tensor:
         """Continuous batching (`Transformer.batch_decode_step`'s contract): tokens (B, 1), sequence b in cache row

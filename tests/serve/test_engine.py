@@ -229,3 +229,22 @@ def test_engine_speculates_with_lookup_only(tiny_checkpoints):
         Engine(llm.model, llm.tokenizer, parallel=2, ctx=64, max_queue=4, speculative="self")
     with pytest.raises(InvalidArgumentError, match="draft length"):
         Engine(llm.model, llm.tokenizer, parallel=2, ctx=64, max_queue=4, speculative="lookup", draft_k=0)
+
+
+@torch.inference_mode()
+def test_default_model_prompt_chunks_in_c_equal_decode_steps(default_gguf):
+    """On AVX512-VNNI CPUs the engine prefills prompt chunks through the C verify step: each token's logits (and
+    so its keys/values) are bit for bit what decoding the prompt one token at a time computes."""
+    llm = edgellm.load(default_gguf)
+    engine = Engine(llm.model, llm.tokenizer, parallel=2, ctx=128, max_queue=4)
+    if engine.native is None or engine.native.prefill_rows() <= 40:
+        pytest.skip("prompt chunks take the eager forward on this CPU path (dense GEMMs from 32 rows)")
+    m = llm.model
+    ids = llm.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 3)[:40]
+    m.use_caches([c.row(0) for c in engine.pool])
+    chunked = engine.native.prefill(torch.tensor([ids]), 0)                  # (V,)
+    m.use_caches(engine.pool)
+    for p, t in enumerate(ids):                                               # row 1, one token a step
+        stepped = engine.native.batch_step(torch.tensor([[t]]), [1], [p])[0]
+    assert torch.equal(chunked, stepped)
+    assert torch.equal(engine.pool[0].k[0, :, :40], engine.pool[0].k[1, :, :40])  # the same keys written

@@ -17,6 +17,10 @@ seeded answers equal plain decoding token for token: speculation changes only ho
 Rejected entries leave keys/values beyond the row's position, which the next step overwrites before anyone
 attends to them.
 
+Prompt chunks run through the C verify step where the eager forward would take the same int8 kernel
+(AVX512-VNNI CPUs: native_step.prefill; each token's keys/values and logits are then bit for bit what decoding
+the prompt token by token computes), else through the eager forward.
+
 Prefix reuse is exact: prefills run in fixed chunks of PREFILL_CHUNK positions (chunk boundaries at multiples of
 PREFILL_CHUNK from position 0) and only whole chunks written by a prefill are reused. A reused chunk therefore
 holds exactly the keys/values a fresh prefill would compute, and, with the batched step's per-row attention, an
@@ -276,7 +280,11 @@ class Engine:
         start = seq.pos
         end = min((start // PREFILL_CHUNK + 1) * PREFILL_CHUNK, len(ids))
         self.model.use_caches(row.views)
-        logits = self.model(torch.tensor([ids[start:end]]), start, use_cache=True, last_only=True)[0, -1]
+        chunk = torch.tensor([ids[start:end]])
+        # in C where the eager forward would take the same int8 kernel (AVX512-VNNI CPUs; native_step.prefill)
+        logits = self.native.prefill(chunk, start) if self.native is not None else None
+        if logits is None:
+            logits = self.model(chunk, start, use_cache=True, last_only=True)[0, -1]
         row.tokens.extend(ids[start:end])
         if end % PREFILL_CHUNK == 0:
             row.exact = end
