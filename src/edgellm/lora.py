@@ -173,6 +173,10 @@ class LoRALinear(nn.Module):
             self.lora_B[key] = nn.Parameter(torch.zeros(r1 - r0, rk, dtype=dtype))
             self.scaling[key] = alpha / (math.sqrt(rk) if use_rslora else rk)
         self.dropout = LoRADropout(dropout) if dropout > 0 else nn.Identity()
+        self._keys = [name.split(".")[-1] for name, _, _ in self.slices]
+        # the output row of each row of the stacked B's, or None where they are rows 0..out-1 in order
+        rows = [r for _, r0, r1 in self.slices for r in range(r0, r1)]
+        self._b_rows = None if rows == list(range(self.out_features)) else torch.tensor(rows)
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -197,18 +201,15 @@ class LoRALinear(nn.Module):
         per projection plus the sum. The same sum as PEFT's per-projection `lora_B(lora_A(x)) * scaling` up to
         rounding (the scaling is applied to B before the product, not to its result)."""
         xd = self.dropout(x)
-        keys = [name.split(".")[-1] for name, _, _ in self.slices]
-        a = torch.cat([self.lora_A[k] for k in keys]).to(x.dtype)      # (r total, in)
-        b = torch.block_diag(*[self.lora_B[k] * self.scaling[k] for k in keys]).to(x.dtype)  # (adapted rows, r total)
-        rows = [r for _, r0, r1 in self.slices for r in range(r0, r1)]  # output rows of b's rows
-        if rows != list(range(self.out_features)):  # some projection not adapted: its rows of b are zero
-            b = b.new_zeros(self.out_features, b.shape[1]).index_copy(0, torch.tensor(rows), b)
-        u = F.linear(xd, a)                                             # (..., r total)
-        lead = x.shape[:-1]
+        a = torch.cat([self.lora_A[k] for k in self._keys]).to(x.dtype)  # (r total, in)
+        b = torch.block_diag(*[self.lora_B[k] * self.scaling[k] for k in self._keys]).to(x.dtype)  # (rows, r total)
+        if self._b_rows is not None:  # some projection not adapted: its rows of b are zero
+            b = b.new_zeros(self.out_features, b.shape[1]).index_copy(0, self._b_rows, b)
+        u = F.linear(xd, a)                                               # (..., r total)
         if base_out is None:
             return F.linear(u, b)
         out = torch.addmm(base_out.reshape(-1, self.out_features), u.reshape(-1, u.shape[-1]), b.T)
-        return out.view(*lead, self.out_features)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._add_update(x, frozen_linear(self.base, x))

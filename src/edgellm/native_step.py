@@ -147,7 +147,8 @@ class NativeStep:
         cache = attn.cache
         limit = self.prefill_rows() if prefill else BlockQLinear.DENSE_FROM_ROWS
         if B * T >= limit or not cache.k.is_contiguous():
-            return None  # decode and verification sizes only (no kernel's dense_from_rows is below this)
+            return None  # decode/verify sizes (no kernel's dense_from_rows is below this), or a prompt chunk the
+            # eager forward would multiply with the same int8 kernel
         if rows is None and ((not attn.cache_kernel and not prefill) or cache.k.shape[0] != B):
             return None  # ... or a masked attention in torch
         rows_attention = None
