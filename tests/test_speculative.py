@@ -67,36 +67,47 @@ def test_rolling_cache_rollback_keeps_window(tiny_checkpoints) -> None:
     assert cache.rolling and cache.size == llm.config.sliding_window + spec.K_MAX
 
 
-def test_lookup_drafts_the_continuation_of_the_latest_match() -> None:
+def test_lookup_drafts_what_followed_the_longest_match() -> None:
     d = spec.LookupDrafter()
+    sp = SamplingParams()
     ctx = [1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 1, 2, 3]
-    assert d.propose(ctx, 2, SamplingParams(), None) == ([7, 8], None)    # 3-gram [1 2 3]: latest earlier match
-    assert d.propose([4, 5, 6, 4, 5], 3, SamplingParams(), None) == ([6, 4, 5], None)
-    assert d.propose([1, 2, 3], 4, SamplingParams(), None) == ([], None)  # nothing repeats
-    assert d.propose([1, 2, 3, 9, 3], 4, SamplingParams(), None) == ([], None)  # a lone repeated token: no draft
+    assert d.propose(ctx, 2, sp, None) == ([7, 8], None)    # [1 2 3] twice before: the latest one
+    assert d.propose([4, 5, 6, 4, 5], 3, sp, None) == ([6], None)  # a two-token match drafts one token
+    # the longest match wins over the latest: [5 1 2 3] matched 4 tokens -> up to 3 drafted
+    assert d.propose([5, 1, 2, 3, 8, 7, 2, 3, 9, 0, 5, 1, 2, 3], 3, sp, None) == ([8, 7, 2], None)
+    assert d.propose([5, 1, 2, 3, 8, 7, 2, 3, 9, 0, 5, 1, 2, 3], 9, sp, None) == ([8, 7, 2], None)
+    assert d.propose([1, 2, 3], 4, sp, None) == ([], None)  # nothing repeats
+    assert d.propose([1, 2, 3, 9, 3], 4, sp, None) == ([], None)  # a lone repeated token: no draft
 
 
 def test_lookup_index_equals_a_scan_of_the_growing_context() -> None:
-    """The drafter's n-gram index (grown as the context is appended to) drafts what a scan for the latest earlier
-    occurrence drafts, at every length."""
+    """The drafter's pair index (grown as the context is appended to) drafts what a scan of the whole context
+    drafts: the continuation of the longest earlier match of the tail (compared over at most K + 1 tokens, among the
+    latest LOOKUP_CANDIDATES occurrences of the last two tokens; the latest on ties), at most match - 1 tokens."""
     def scan(context: list[int], k: int) -> list[int]:
-        for n in spec.LOOKUP_NGRAM:
-            for i in range(len(context) - n - 1, -1, -1):
-                if context[i:i + n] == context[-n:]:
-                    return context[i + n:i + n + k]
-        return []
+        L = len(context)
+        ends = [e for e in range(2, L) if context[e - 2:e] == context[-2:]][-spec.LOOKUP_CANDIDATES:]
+        best, best_end = 0, -1
+        for e in ends:  # oldest first: a later end with as long a match replaces it
+            n = max(n for n in range(2, min(e, k + 1) + 1) if context[e - n:e] == context[L - n:])
+            if n >= best:
+                best, best_end = n, e
+        return context[best_end:best_end + min(k, best - 1)] if best else []
 
     g = torch.Generator().manual_seed(0)
     d = spec.LookupDrafter()
     d.start([], 0, 0)
     context: list[int] = []
-    drafted = 0
-    for _ in range(400):
-        context += torch.randint(0, 6, (int(torch.randint(1, 4, (), generator=g)),), generator=g).tolist()
-        got = d.propose(context, 5, SamplingParams(), None)[0]
-        assert got == scan(context, 5), len(context)
+    drafted = long = 0
+    for _ in range(1500):
+        context += torch.randint(0, 4, (int(torch.randint(1, 4, (), generator=g)),), generator=g).tolist()
+        k = int(torch.randint(1, 9, (), generator=g))
+        got = d.propose(context, k, SamplingParams(), None)[0]
+        assert got == scan(context, k), len(context)
         drafted += bool(got)
-    assert drafted > 300
+        long += len(got) > 2
+    assert drafted > 1000 and long > 100
+    assert len(context) > 64 * 16 * 2  # more occurrences of a pair than are compared
     assert d.propose(context[:50], 5, SamplingParams(), None)[0] == scan(context[:50], 5)  # another list: re-indexed
 
 
@@ -317,8 +328,10 @@ def test_cli_generate_and_bench_sweep(tiny_checkpoints, tmp_path, capsys) -> Non
     assert "draft length K" in err and len(err.strip().splitlines()) == 1
 
     assert main(["bench", "--task", "speculative", "-m", ckpt, "--dtype", "fp32", "--no-compile", "--speculative",
-                 "lookup", "self", "--draft-k", "1", "3", "--new-tokens", "12", "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)["rows"]
+                 "lookup", "self", "--draft-k", "1", "3", "--new-tokens", "12", "--ignore-eos", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = report["rows"]
+    assert report["ignore_eos"] and all(r["new_tokens"] == 12 for r in rows)  # fixed-length answers
     assert [(r["method"], r["task"], r["k"]) for r in rows] == [
         (m, t, k) for m in ("lookup", "self") for t in ("chat", "grounded") for k in ("1", "3", "adaptive")]
     assert all(r["tokens_per_s"] > 0 and r["speedup"] > 0 for r in rows)

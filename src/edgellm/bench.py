@@ -316,6 +316,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "awq:w4:g128; default: the checkpoint's weights in --dtype")
     p.add_argument("--prompt-len", type=int, nargs="+", default=None, help="override the task's prompt lengths")
     p.add_argument("--new-tokens", type=int, default=60)
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="speculative: decode all --new-tokens past the end of the answer (fixed-length rows); "
+                        "default: each answer ends where the model ends it, as users get it")
     p.add_argument("--threads", type=int, default=None, help="default: physical cores")
     p.add_argument("--repeat", type=int, default=1, help="runs per example (medians are reported)")
     p.add_argument("--peer", action="append", default=[], choices=["llamacpp", "transformers"])
