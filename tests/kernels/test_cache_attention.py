@@ -1,7 +1,8 @@
 """The decode/verify attention kernel (`kernels/cache_attention.py`, csrc/decode_attention.c): against an fp32
 reference on every code path (head dims 64/128: the register-blocked AVX2 path; 96 and 32: the general AVX2 path;
-12: plain C), per-query results independent of T and of the other queries (bit for bit), and the model's verify
-step equal to T decode steps bit for bit on every tiny architecture in fp32 and bf16."""
+12: plain C), per-query results independent of T and of the other queries (bit for bit), long key lists split into
+chunks (independent of threads, equal in the batched-rows entry point), and the model's verify step equal to T decode
+steps bit for bit on every tiny architecture in fp32 and bf16."""
 
 from __future__ import annotations
 
@@ -67,6 +68,35 @@ def test_softmax_handles_large_score_gaps() -> None:
     out = cache_attention.cache_attention(q, k, v, torch.arange(16), torch.tensor([15, 15]), 0)
     assert torch.allclose(out[0, 0, 0], torch.full((64,), 5.0))
     assert torch.allclose(out[0, 1, 0], torch.full((64,), 7.5))
+
+
+KEY_CHUNK = 256  # csrc/decode_attention.c: longer key lists are attended in chunks of this many keys, then combined
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.bfloat16, 0.02)])
+@pytest.mark.parametrize("D", [64, 128])
+def test_long_key_lists_split_into_chunks(dtype, tol, D) -> None:
+    """Queries seeing 1 .. 4 chunks of keys (the last one partial, one key past a boundary, exactly two chunks):
+    against the reference; each query alone gives the same bits as with the others (T, threads); the batched-rows
+    entry point (serve) gives the same bits as the cache entry point for the same keys."""
+    g = torch.Generator().manual_seed(D)
+    S, H, Hkv = 4 * KEY_CHUNK + 40, 6, 2
+    k, v = (torch.randn(2, 1, Hkv, S, D, generator=g) * 2).to(dtype)
+    pos = torch.tensor([100, KEY_CHUNK, 2 * KEY_CHUNK - 1, 3 * KEY_CHUNK + 17, S - 1])  # sees pos + 1 keys
+    q = (torch.randn(1, len(pos), H, D, generator=g) * 2).to(dtype)
+    slot_pos = torch.arange(S)
+    got = cache_attention.cache_attention(q, k, v, slot_pos, pos, 0)
+    torch.testing.assert_close(got.float(), cache_attention.reference(q, k, v, slot_pos, pos, 0, D ** -0.5).float(),
+                               atol=tol, rtol=tol)
+    rows = native.decode_attention()
+    for t in range(len(pos)):
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            alone = cache_attention.cache_attention(q[:, t:t + 1].contiguous(), k, v, slot_pos, pos[t:t + 1], 0)
+            assert torch.equal(alone[0, 0], got[0, t]), (t, threads)
+        batched = rows(q[0, t:t + 1].contiguous(), k, v, [0], [0], [int(pos[t])])
+        assert torch.equal(batched[0], got[0, t]), t
+    torch.set_num_threads(1)
 
 
 class RowwiseLinear(torch.nn.Module):

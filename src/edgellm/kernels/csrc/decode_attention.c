@@ -9,8 +9,9 @@
  *
  * Why a kernel: the torch path is one attention call per sequence per layer (each repacks its keys), ~8x the
  * launches of everything else in the step. Here one call per layer does every (sequence, kv head) pair, reading
- * the cache in place. Each sequence's arithmetic depends only on its own keys (fixed loop order, no work
- * sharing inside a pair), so a batched answer equals the same sequence decoded alone, bit for bit.
+ * the cache in place. Each sequence's arithmetic depends only on its own keys (fixed loop order; a list longer
+ * than KEY_CHUNK keys is split at fixed places, whatever the threads), so a batched answer equals the same sequence
+ * decoded alone, bit for bit.
  *
  * Built for the x86-64-v3 baseline: AVX2 + FMA code (bf16 rows widened by a shift, a vectorized exp) for head dims
  * that are a multiple of 8; plain C elsewhere (the compiler vectorizes the head-dim loops, `omp simd`). Either way
@@ -206,8 +207,9 @@ static inline __attribute__((always_inline)) void scores_d64(int bf16, const flo
 }
 
 static inline __attribute__((always_inline)) void values_d64(int bf16, const void *v, const int64_t *rows, int64_t L,
-                                                           int64_t blk, const float *s, int64_t Lp, void *out,
-                                                           int64_t q_row, int64_t D, const float *inv, const int GN) {
+                                                           int64_t blk, const float *s, int64_t Lp, int out_bf16,
+                                                           void *out, int64_t q_row, int64_t D, const float *inv,
+                                                           const int GN) {
     for (int half = 0; half < 2; half++) {
         __m256 o[3][4];
         for (int g = 0; g < GN; g++)
@@ -223,13 +225,16 @@ static inline __attribute__((always_inline)) void values_d64(int bf16, const voi
         }
         for (int g = 0; g < GN; g++)
             for (int c = 0; c < 4; c++)
-                store8_scaled(bf16, out, (q_row + g) * D + 64 * blk + 32 * half + 8 * c, o[g][c],
+                store8_scaled(out_bf16, out, (q_row + g) * D + 64 * blk + 32 * half + 8 * c, o[g][c],
                               _mm256_set1_ps(inv[g]));
     }
 }
 
+/* part != NULL: one chunk of a longer key list (see KEY_CHUNK): the unnormalized output, each head's max score and
+ * sum of exp into part (G D + 2 G floats: o | max | sum), fp32, instead of the normalized output into out. */
 static int attend_group_d64(int bf16, const void *q, const void *k, const void *v, void *out, int64_t q_row,
-                            int64_t kv_base, const int64_t *slots, int64_t L, int64_t G, int64_t D, float scale) {
+                            int64_t kv_base, const int64_t *slots, int64_t L, int64_t G, int64_t D, float scale,
+                            float *part) {
     const int64_t Lp = (L + 7) & ~(int64_t)7, nb = D / 64;
     int64_t *rows = malloc((size_t)L * 8 + (size_t)(G * Lp + G) * 4); /* element offset of each key row */
     if (!rows) return 1;
@@ -260,23 +265,33 @@ static int attend_group_d64(int bf16, const void *q, const void *k, const void *
             _mm256_storeu_ps(sg + j, x);
             mv = _mm256_max_ps(mv, x);
         }
-        const __m256 m = _mm256_set1_ps(hmax8(mv));
+        const float mx = hmax8(mv);
+        const __m256 m = _mm256_set1_ps(mx);
         for (int64_t j = 0; j < Lp; j += 8) {
             const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sg + j), m));
             _mm256_storeu_ps(sg + j, e);
             sum = _mm256_add_ps(sum, e);
         }
-        inv[g] = 1.f / hsum8(sum);
+        if (part) {
+            part[G * D + g] = mx;
+            part[G * D + G + g] = hsum8(sum);
+            inv[g] = 1.f;
+        } else {
+            inv[g] = 1.f / hsum8(sum);
+        }
     }
+    const int out_bf16 = part ? 0 : bf16;
+    void *dst = part ? (void *)part : out;
+    const int64_t dst_row = part ? 0 : q_row;
     for (int64_t g0 = 0; g0 < G; g0 += 3) { /* out = P V, up to three heads at a time */
         const int gn = G - g0 < 3 ? (int)(G - g0) : 3;
         for (int64_t blk = 0; blk < nb; blk++) {
             if (gn == 3)
-                values_d64(bf16, v, rows, L, blk, s + g0 * Lp, Lp, out, q_row + g0, D, inv + g0, 3);
+                values_d64(bf16, v, rows, L, blk, s + g0 * Lp, Lp, out_bf16, dst, dst_row + g0, D, inv + g0, 3);
             else if (gn == 2)
-                values_d64(bf16, v, rows, L, blk, s + g0 * Lp, Lp, out, q_row + g0, D, inv + g0, 2);
+                values_d64(bf16, v, rows, L, blk, s + g0 * Lp, Lp, out_bf16, dst, dst_row + g0, D, inv + g0, 2);
             else
-                values_d64(bf16, v, rows, L, blk, s + g0 * Lp, Lp, out, q_row + g0, D, inv + g0, 1);
+                values_d64(bf16, v, rows, L, blk, s + g0 * Lp, Lp, out_bf16, dst, dst_row + g0, D, inv + g0, 1);
         }
     }
     free(rows);
@@ -288,10 +303,11 @@ static int attend_group_d64(int bf16, const void *q, const void *k, const void *
  * (rows kv_base + slots[n] of (.., D), or kv_base + n when slots is NULL), written to out rows q_row.. .
  * Fixed loop order: the result depends only on these inputs. 0, or 1 when out of memory. */
 static int attend_group(int bf16, const void *q, const void *k, const void *v, void *out, int64_t q_row,
-                        int64_t kv_base, const int64_t *slots, int64_t L, int64_t G, int64_t D, float scale) {
+                        int64_t kv_base, const int64_t *slots, int64_t L, int64_t G, int64_t D, float scale,
+                        float *part) {
 #ifdef HAVE_AVX2_PATH
     if (D % 64 == 0)
-        return attend_group_d64(bf16, q, k, v, out, q_row, kv_base, slots, L, G, D, scale);
+        return attend_group_d64(bf16, q, k, v, out, q_row, kv_base, slots, L, G, D, scale, part);
     if (D % 8 == 0 && D <= 256 && G <= 8)
         return attend_group_avx2(bf16, q, k, v, out, q_row, kv_base, slots, L, G, D, scale);
 #endif
@@ -347,25 +363,125 @@ static int attend_group(int bf16, const void *q, const void *k, const void *v, v
     return 0;
 }
 
+/* Long key lists are split into chunks of KEY_CHUNK keys (by index in the query's list of visible keys), attended
+ * to as separate jobs and combined (each chunk's output rescaled by exp(its max - the overall max), in chunk order):
+ * one decode query has only Hkv (sequence, kv head) jobs, 3 for the default model, which leaves a thread idle on
+ * 2 cores and serializes long contexts. The split depends only on the number of keys (not on threads, T or the
+ * batch), so a query's result still depends only on its own keys; up to KEY_CHUNK keys nothing changes. Only the
+ * register-blocked path (head dims that are multiples of 64) splits. */
+#define KEY_CHUNK 256
+
+static int64_t chunks_of(int64_t L, int64_t D) {
+#ifdef HAVE_AVX2_PATH
+    if (D % 64 == 0 && L > KEY_CHUNK) return (L + KEY_CHUNK - 1) / KEY_CHUNK;
+#endif
+    (void)D;
+    return 1;
+}
+
+/* out rows q_row.. (G heads) from n chunks' partials (G D + 2 G floats each) */
+static void combine(int bf16, void *out, int64_t q_row, const float *parts, int64_t n, int64_t G, int64_t D) {
+    const int64_t stride = G * D + 2 * G;
+    float acc[256];
+    for (int64_t g = 0; g < G; g++) {
+        float mx = -INFINITY;
+        for (int64_t c = 0; c < n; c++) mx = fmaxf(mx, parts[c * stride + G * D + g]);
+        float den = 0.f;
+        for (int64_t d = 0; d < D; d++) acc[d] = 0.f;
+        for (int64_t c = 0; c < n; c++) {
+            const float *pc = parts + c * stride;
+            const float w = expf(pc[G * D + g] - mx);
+            den += w * pc[G * D + G + g];
+            for (int64_t d = 0; d < D; d++) acc[d] += w * pc[g * D + d];
+        }
+        const float inv = 1.f / den;
+        for (int64_t d = 0; d < D; d++) {
+            const float y = acc[d] * inv;
+            if (bf16)
+                ((uint16_t *)out)[(q_row + g) * D + d] = to_bf16(y);
+            else
+                ((float *)out)[(q_row + g) * D + d] = y;
+        }
+    }
+}
+
+/* One (query, kv head) job: its G query heads (rows q_row..) against L keys (kv_base + slots[n], or kv_base + n),
+ * one or several chunks. */
+typedef struct {
+    int64_t q_row, kv_base, L, chunks, first; /* first: index of its first work item */
+    const int64_t *slots;
+} job_t;
+
+/* Every job's chunks as work items over the team (dynamic: items differ in length), then the combines. Called
+ * inside a parallel region by every thread; parts has room for every item of a multi-chunk job. */
+static void run_jobs(int bf16, const void *q, const void *k, const void *v, void *out, const job_t *jobs,
+                     int64_t n_jobs, int64_t items, const int64_t *item_job, float *parts, int64_t G, int64_t D,
+                     float scale, int *failed) {
+    const int64_t stride = G * D + 2 * G;
+#pragma omp for schedule(dynamic) nowait
+    for (int64_t it = 0; it < items; it++) {
+        const job_t *j = jobs + item_job[it];
+        const int64_t c = it - j->first, at = c * KEY_CHUNK;
+        const int64_t L = j->L - at < KEY_CHUNK || j->chunks == 1 ? j->L - at : KEY_CHUNK;
+        if (L <= 0 || attend_group(bf16, q, k, v, out, j->q_row, j->slots ? j->kv_base : j->kv_base + at,
+                                   j->slots ? j->slots + at : NULL, L, G, D, scale,
+                                   j->chunks > 1 ? parts + it * stride : NULL)) {
+#pragma omp atomic write
+            *failed = 1;
+        }
+    }
+    if (!parts) return; /* nothing was split */
+#pragma omp barrier
+#pragma omp for schedule(static) nowait
+    for (int64_t n = 0; n < n_jobs; n++)
+        if (jobs[n].chunks > 1) combine(bf16, out, jobs[n].q_row, parts + jobs[n].first * stride, jobs[n].chunks, G, D);
+}
+
+/* jobs[].chunks and .first from .L; the item -> job map; parts for multi-chunk jobs. Returns the item count, or -1
+ * when out of memory (*item_job, *parts: free them). */
+static int64_t plan(job_t *jobs, int64_t n_jobs, int64_t G, int64_t D, int64_t **item_job, float **parts) {
+    int64_t items = 0, split = 0;
+    for (int64_t n = 0; n < n_jobs; n++) {
+        jobs[n].chunks = chunks_of(jobs[n].L, D);
+        jobs[n].first = items;
+        items += jobs[n].chunks;
+        split |= jobs[n].chunks > 1;
+    }
+    *item_job = malloc((size_t)items * 8);
+    *parts = split ? malloc((size_t)items * (size_t)(G * D + 2 * G) * 4) : NULL;
+    if (!*item_job || (split && !*parts)) return -1;
+    for (int64_t n = 0; n < n_jobs; n++)
+        for (int64_t c = 0; c < jobs[n].chunks; c++) (*item_job)[jobs[n].first + c] = n;
+    return items;
+}
+
 int edgellm_decode_attention(int bf16, const void *q, const void *k, const void *v, void *out,
                              const int64_t *rows, const int64_t *lo, const int64_t *hi,
                              int64_t B, int64_t H, int64_t Hkv, int64_t S, int64_t D, float scale, int threads) {
     if (H % Hkv || D > 256 || D < 1) return 1;
     for (int64_t b = 0; b < B; b++)
         if (lo[b] < 0 || hi[b] < lo[b] || hi[b] >= S) return 1;
-    const int64_t G = H / Hkv;
-    int failed = 0;
-    if (threads < 1) threads = 1;
-#pragma omp parallel for num_threads(threads) schedule(dynamic)
-    for (int64_t job = 0; job < B * Hkv; job++) {
-        const int64_t b = job / Hkv, hk = job % Hkv;
+    const int64_t G = H / Hkv, n_jobs = B * Hkv;
+    job_t *jobs = malloc((size_t)n_jobs * sizeof(job_t));
+    if (!jobs) return 2;
+    for (int64_t n = 0; n < n_jobs; n++) {
+        const int64_t b = n / Hkv, hk = n % Hkv;
         /* key lo[b] of (row, kv head) is row (rows[b] * Hkv + hk) * S + lo[b] of (P*Hkv*S, D) */
-        if (attend_group(bf16, q, k, v, out, b * H + hk * G, (rows[b] * Hkv + hk) * S + lo[b], NULL,
-                         hi[b] - lo[b] + 1, G, D, scale)) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        jobs[n] = (job_t){b * H + hk * G, (rows[b] * Hkv + hk) * S + lo[b], hi[b] - lo[b] + 1, 1, 0, NULL};
     }
+    int64_t *item_job = NULL;
+    float *parts = NULL;
+    const int64_t items = plan(jobs, n_jobs, G, D, &item_job, &parts);
+    int failed = items < 0;
+    if (threads < 1) threads = 1;
+    if (threads > items) threads = (int)(items > 0 ? items : 1);
+    if (!failed) {
+#pragma omp parallel num_threads(threads)
+        run_jobs(bf16, q, k, v, out, jobs, n_jobs, items, item_job, parts, G, D, scale, &failed);
+    }
+    free(item_job);
+    free(parts);
+    free(jobs);
     return failed ? 2 : 0;
 }
 
@@ -373,38 +489,46 @@ int edgellm_cache_attention(int bf16, const void *q, const void *k, const void *
                             const int64_t *slot_pos, const int64_t *qpos, int64_t window, int64_t B, int64_t T,
                             int64_t H, int64_t Hkv, int64_t S, int64_t D, float scale, int threads) {
     if (H % Hkv || D > 256 || D < 1 || S < 1) return 1;
-    const int64_t G = H / Hkv, jobs = B * T * Hkv;
+    const int64_t G = H / Hkv, n_jobs = B * T * Hkv;
     int failed = 0;
 #ifdef _OPENMP
     if (threads < 1) threads = omp_get_max_threads(); /* torch.set_num_threads sets this (same libgomp) */
 #endif
-    if (threads > jobs) threads = (int)jobs;
     if (threads < 1) threads = 1;
     int64_t *slots = malloc((size_t)(T * S + T) * 8); /* per query t: the slots it sees, in slot order; their count */
-    if (!slots) return 2;
-    int64_t *count = slots + T * S;
-#pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; t++) { /* once per query, shared by every (sequence, kv head) */
-            const int64_t p = qpos[t];
-            int64_t L = 0;
-            for (int64_t j = 0; j < S; j++) {
-                const int64_t sp = slot_pos[j];
-                if (sp >= 0 && sp <= p && (window <= 0 || sp > p - window)) slots[t * S + L++] = j;
-            }
-            count[t] = L;
-        }
-#pragma omp for schedule(static)
-        for (int64_t job = 0; job < jobs; job++) {
-            const int64_t b = job / (T * Hkv), t = job / Hkv % T, hk = job % Hkv;
-            if (count[t] == 0 || attend_group(bf16, q, k, v, out, (b * T + t) * H + hk * G, (b * Hkv + hk) * S,
-                                              slots + t * S, count[t], G, D, scale)) {
-#pragma omp atomic write
-                failed = 1;
-            }
-        }
+    job_t *jobs = malloc((size_t)n_jobs * sizeof(job_t));
+    if (!slots || !jobs) {
+        free(slots);
+        free(jobs);
+        return 2;
     }
+    int64_t *count = slots + T * S;
+    for (int64_t t = 0; t < T; t++) { /* once per query, shared by every (sequence, kv head) */
+        const int64_t p = qpos[t];
+        int64_t L = 0;
+        for (int64_t j = 0; j < S; j++) {
+            const int64_t sp = slot_pos[j];
+            if (sp >= 0 && sp <= p && (window <= 0 || sp > p - window)) slots[t * S + L++] = j;
+        }
+        count[t] = L;
+        if (L == 0) failed = 1;
+    }
+    for (int64_t n = 0; n < n_jobs; n++) {
+        const int64_t b = n / (T * Hkv), t = n / Hkv % T, hk = n % Hkv;
+        jobs[n] = (job_t){(b * T + t) * H + hk * G, (b * Hkv + hk) * S, count[t], 1, 0, slots + t * S};
+    }
+    int64_t *item_job = NULL;
+    float *parts = NULL;
+    const int64_t items = failed ? 0 : plan(jobs, n_jobs, G, D, &item_job, &parts);
+    failed |= items < 0;
+    if (threads > items) threads = (int)(items > 0 ? items : 1);
+    if (!failed) {
+#pragma omp parallel num_threads(threads)
+        run_jobs(bf16, q, k, v, out, jobs, n_jobs, items, item_job, parts, G, D, scale, &failed);
+    }
+    free(item_job);
+    free(parts);
+    free(jobs);
     free(slots);
     return failed ? 2 : 0;
 }
