@@ -15,7 +15,8 @@ request's generator) and the row stops at the first sampled token that differs f
 logits equal what a plain step at that position computes (the C step's rows are computed alone), so greedy and
 seeded answers equal plain decoding token for token: speculation changes only how many steps an answer takes.
 Rejected entries leave keys/values beyond the row's position, which the next step overwrites before anyone
-attends to them.
+attends to them. The draft length adapts to the request's acceptance and the batch (draft_length): a drafted entry
+costs about as much as a row, so a full batch drafts only what is likely to be kept.
 
 Prompt chunks run through the C verify step where the eager forward would take the same int8 kernel
 (AVX512-VNNI CPUs: native_step.prefill; each token's keys/values and logits are then bit for bit what decoding
@@ -48,12 +49,22 @@ from ..generate import SamplingParams, apply_repetition_penalty, filter_logits
 from ..kernels.blocklinear import BlockQLinear
 from ..model import KVCache, Transformer
 from ..native_step import NativeStep
-from ..speculative import K_START, K_STEPS, LookupDrafter, check_k
+from ..speculative import K_MAX, LookupDrafter, check_k
 from ..tokenizer import Tokenizer
 from .grammar import Matcher
 from .metrics import Metrics
 
 PREFILL_CHUNK = 64  # positions per prefill call; also the granularity of prefix reuse
+# Adaptive draft length (speculative="lookup", no fixed K): an entry of the batched step costs about ENTRY_COST of a
+# one-row step whatever the batch (default model, AMX path: 1 entry 4.4-5.2 ms, 8 entries 10-11.5 ms: 0.17-0.19), so a
+# step of R rows costs 1 + ENTRY_COST (R - 1) for R tokens. A request's drafted tokens are kept with probability
+# a (the first) and a b^(j-1) (the j-th: b is the chance that a kept token's successor is kept too; copies come in
+# runs, so b > a); both are the request's own shares, starting from all requests' recent shares (worth PRIOR_DRAFTS
+# drafts of its own). The j-th token is drafted while its expected value pays for its entry:
+# a b^(j-1) (1 + ENTRY_COST (R - 1)) / R > ENTRY_COST. One stream drafts freely; a full batch only likely copies.
+ENTRY_COST = 0.2
+PRIOR_DRAFTS = 4
+POOL_DECAY = 0.99  # per drafted token: the engine-wide shares follow the recent requests
 # entries (rows + drafted tokens) in one batched step: below BlockQLinear.DENSE_FROM_ROWS, so every product stays
 # on the per-row int8 kernel (a larger step would take dense GEMMs and round unlike a plain step)
 STEP_ENTRIES = BlockQLinear.DENSE_FROM_ROWS - 1
@@ -95,7 +106,7 @@ class Row:
 class Sequence:
     """A request running in a row."""
 
-    def __init__(self, req: Request, row: Row, reused: int, tokenizer: Tokenizer, speculate: bool, k: int) -> None:
+    def __init__(self, req: Request, row: Row, reused: int, tokenizer: Tokenizer, speculate: bool) -> None:
         self.req, self.row = req, row
         self.p = req.params
         self.pos = reused                 # next position to compute
@@ -110,11 +121,45 @@ class Sequence:
         self.t_last = 0.0
         self.context = list(req.prompt_ids)  # prompt + generated tokens: what lookup drafts from
         self.drafter = LookupDrafter() if speculate else None
-        self.k = k                         # the next draft length (adaptive unless the engine fixes it)
+        self.drafts = DraftStats()          # its drafts so far (adaptive draft length)
 
     @property
     def prefilling(self) -> bool:
         return self.pos < len(self.req.prompt_ids)
+
+
+@dataclass
+class DraftStats:
+    """Kept drafts, for the adaptive draft length: first drafted tokens tried / kept, and later ones tried (their
+    predecessor was kept) / kept. Floats: the engine-wide pool decays (POOL_DECAY per drafted token)."""
+
+    first_tried: float = 0.0
+    first_kept: float = 0.0
+    next_tried: float = 0.0
+    next_kept: float = 0.0
+
+    def add(self, drafted: int, kept: int, decay: float = 1.0) -> None:
+        d = decay ** drafted
+        self.first_tried = self.first_tried * d + 1
+        self.first_kept = self.first_kept * d + (kept > 0)
+        self.next_tried = self.next_tried * d + min(kept, drafted - 1)
+        self.next_kept = self.next_kept * d + max(kept - 1, 0)
+
+    def rates(self, prior: tuple[float, float] = (0.5, 0.5)) -> tuple[float, float]:
+        """(a, b) with PRIOR_DRAFTS pseudo-drafts at the prior's rates."""
+        return ((self.first_kept + PRIOR_DRAFTS * prior[0]) / (self.first_tried + PRIOR_DRAFTS),
+                (self.next_kept + PRIOR_DRAFTS * prior[1]) / (self.next_tried + PRIOR_DRAFTS))
+
+
+def draft_length(a: float, b: float, rows: int) -> int:
+    """The adaptive draft length (see ENTRY_COST) in a step of `rows` requests, the first drafted token kept with
+    probability a, each next one (after a kept one) with b: the largest j <= K_MAX with
+    a b^(j-1) (1 + ENTRY_COST (rows - 1)) / rows > ENTRY_COST."""
+    value = (1 + ENTRY_COST * (rows - 1)) / rows  # a token's share of a plain step, in one-row steps
+    n, p = 0, a
+    while n < K_MAX and p * value > ENTRY_COST:
+        n, p = n + 1, p * b
+    return n
 
 
 class Engine:
@@ -123,12 +168,13 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, parallel: int, ctx: int, max_queue: int,
                  metrics: Metrics | None = None, speculative: str | None = None, draft_k: int | None = None) -> None:
         """speculative: None or "lookup" (see the module docstring); draft_k: a fixed draft length, None = adaptive
-        per request (speculative.K_STEPS: up after a fully kept draft, down when fewer than half were kept)."""
+        per request and batch size (draft_length: as long as the expected kept tokens pay for their entries)."""
         if speculative not in (None, "lookup"):
             raise InvalidArgumentError(
                 f"the server speculates with prompt lookup only (--speculative lookup), not {speculative!r}: 'self' "
                 f"and 'draft' need a second model with a batched cache of its own")
         self.speculative, self.draft_k = speculative, check_k(draft_k)
+        self.draft_pool = DraftStats()  # all requests' recent drafts (decayed): each request's prior
         cfg = model.config
         self.model, self.tokenizer = model, tokenizer
         self.parallel, self.ctx, self.max_queue = parallel, ctx, max_queue
@@ -270,7 +316,7 @@ class Engine:
         assert best is not None
         del best.tokens[best_reuse:]
         best.exact = best_reuse
-        seq = Sequence(req, best, best_reuse, self.tokenizer, self.speculative is not None, self.draft_k or K_START)
+        seq = Sequence(req, best, best_reuse, self.tokenizer, self.speculative is not None)
         best.seq = seq
         self.running.append(seq)
         self.metrics.prompt_tokens(len(ids), best_reuse)
@@ -293,15 +339,19 @@ class Engine:
             self._accept(seq, logits.float())
 
     def _drafts(self, seqs: list[Sequence]) -> list[list[int]]:
-        """Each sequence's drafted tokens: none without speculation, else lookup drafts within the step's entry
-        budget (longest adaptive K first), the cache row's length and the tokens the request may still generate."""
+        """Each sequence's drafted tokens: none without speculation, else lookup drafts of the fixed K or the
+        adaptive length (draft_length), within the step's entry budget (best acceptance first), the cache row's
+        length and the tokens the request may still generate."""
         drafts: list[list[int]] = [[] for _ in seqs]
         if self.speculative is None:
             return drafts
         budget = STEP_ENTRIES - len(seqs)
-        for i in sorted(range(len(seqs)), key=lambda i: -seqs[i].k):
+        prior = self.draft_pool.rates()
+        rates = [s.drafts.rates(prior) for s in seqs]
+        for i in sorted(range(len(seqs)), key=lambda i: -rates[i][0]):
             seq = seqs[i]
-            k = min(seq.k, budget, self.ctx - 1 - seq.pos, seq.p.max_new_tokens - len(seq.generated) - 1)
+            k = self.draft_k or draft_length(*rates[i], len(seqs))
+            k = min(k, budget, self.ctx - 1 - seq.pos, seq.p.max_new_tokens - len(seq.generated) - 1)
             if k > 0:
                 drafts[i], _ = seq.drafter.propose(seq.context, k, seq.p, None)
                 budget -= len(drafts[i])
@@ -333,16 +383,9 @@ class Engine:
                 self._finish(seq, None, error=f"internal error: {type(e).__name__}: {e}")
             at += len(feed)
             if len(feed) > 1:
-                self._adapt(seq, len(feed) - 1, kept)
-
-    def _adapt(self, seq: Sequence, drafted: int, kept: int) -> None:
-        self.metrics.drafted(drafted, kept)
-        if self.draft_k is None:
-            i = K_STEPS.index(seq.k)
-            if kept == drafted == seq.k:
-                seq.k = K_STEPS[min(i + 1, len(K_STEPS) - 1)]
-            elif 2 * kept < drafted:
-                seq.k = K_STEPS[max(i - 1, 0)]
+                seq.drafts.add(len(feed) - 1, kept)
+                self.draft_pool.add(len(feed) - 1, kept, POOL_DECAY)
+                self.metrics.drafted(len(feed) - 1, kept)
 
     def _accept(self, seq: Sequence, logits: torch.Tensor, argmax: int | None = None) -> None:
         """Sample the next token from fp32 logits (V,), hand out its text, or finish the sequence. argmax: the
