@@ -61,7 +61,8 @@ PREFILL_CHUNK = 64  # positions per prefill call; also the granularity of prefix
 # a (the first) and a b^(j-1) (the j-th: b is the chance that a kept token's successor is kept too; copies come in
 # runs, so b > a); both are the request's own shares, starting from all requests' recent shares (worth PRIOR_DRAFTS
 # drafts of its own). The j-th token is drafted while its expected value pays for its entry:
-# a b^(j-1) (1 + ENTRY_COST (R - 1)) / R > ENTRY_COST. One stream drafts freely; a full batch only likely copies.
+# a b^(j-1) (1 + ENTRY_COST (R - 1)) / R > ENTRY_COST. One stream drafts freely; a full batch only likely copies
+# (a request's first PRIOR_DRAFTS drafts are at least one token, else a full batch would never learn that).
 ENTRY_COST = 0.2
 PRIOR_DRAFTS = 4
 POOL_DECAY = 0.99  # per drafted token: the engine-wide shares follow the recent requests
@@ -350,7 +351,8 @@ class Engine:
         rates = [s.drafts.rates(prior) for s in seqs]
         for i in sorted(range(len(seqs)), key=lambda i: -rates[i][0]):
             seq = seqs[i]
-            k = self.draft_k or draft_length(*rates[i], len(seqs))
+            # a request's first PRIOR_DRAFTS drafts are at least one token: evidence even in a full batch
+            k = self.draft_k or max(draft_length(*rates[i], len(seqs)), int(seq.drafts.first_tried < PRIOR_DRAFTS))
             k = min(k, budget, self.ctx - 1 - seq.pos, seq.p.max_new_tokens - len(seq.generated) - 1)
             if k > 0:
                 drafts[i], _ = seq.drafter.propose(seq.context, k, seq.p, None)
