@@ -48,10 +48,11 @@ if TYPE_CHECKING:
 
 METHODS = ("lookup", "self", "draft")
 K_MAX = 16           # the largest draft length (the K sweep ends here)
-# Adaptive K moves along the draft lengths the compiled verify step has a size for (fast.VERIFY_SIZES - 1; other
-# K are padded up to the next size and cost as much): up after a fully accepted draft, down when fewer than half
-# the drafts were kept. A verified row is not free (default model, AVX512-BF16 path: 4 tokens ~9 ms, 1 token
-# ~5.4 ms, so ~23 % of a step per extra row), so short drafts win unless most are kept.
+# Adaptive K of model drafters moves along the draft lengths the compiled verify step has a size for
+# (fast.VERIFY_SIZES - 1; other K are padded up to the next size and cost as much): up after a fully accepted draft,
+# down when fewer than half the drafts were kept. A verified row is not free (default model, AVX512-BF16 path:
+# 4 tokens ~9 ms, 1 token ~5.4 ms, so ~23 % of a step per extra row), so short drafts win unless most are kept.
+# Adaptive lookup drafts alone take K_MAX, bounded by their match (LookupDrafter); in a batch, see ENTRY_COST.
 K_STEPS = (1, 3, 7, 16)
 K_START = 3
 # Prompt lookup (LookupDrafter): a draft needs a match of at least LOOKUP_MIN_MATCH tokens. Not 1 (HF's default goes
@@ -62,6 +63,19 @@ K_START = 3
 # text's last two tokens are compared, each over at most K + 1 tokens (a longer match drafts no more).
 LOOKUP_MIN_MATCH = 2  # the index is of token pairs
 LOOKUP_CANDIDATES = 64
+
+# Adaptive draft length for lookup drafts (no fixed K; model drafters use K_STEPS: their drafts cost steps of their
+# own). An entry of a verify or batched step costs about ENTRY_COST of a one-row step whatever the batch (default
+# model, AMX path: 1 entry 4.4-5.2 ms, 8 entries 10-11.5 ms: 0.17-0.19), so a step of R rows costs
+# 1 + ENTRY_COST (R - 1) for R tokens. A request's drafted tokens are kept with probability a (the first) and
+# a b^(j-1) (the j-th: b is the chance that a kept token's successor is kept too; copies come in runs, so b > a);
+# both are the request's own shares, starting from a prior (the server: all requests' recent shares) worth
+# PRIOR_DRAFTS drafts of its own. The j-th token is drafted while its expected value pays for its entry:
+# a b^(j-1) (1 + ENTRY_COST (R - 1)) / R > ENTRY_COST. One stream drafts freely; a full batch only likely copies
+# (there a request's first PRIOR_DRAFTS drafts are at least one token, else a full batch would never learn that).
+ENTRY_COST = 0.2
+PRIOR_DRAFTS = 4
+POOL_DECAY = 0.99  # per drafted token: the engine-wide shares follow the recent requests
 
 
 def target_load_options(method: str | None, dtype: str | torch.dtype, keep_quantized: bool | None
@@ -188,6 +202,40 @@ class ModelDrafter:
         self.fed += min(n_accepted, max(self._drafted - 1, 0))
 
 
+@dataclass
+class DraftStats:
+    """Kept drafts, for the adaptive draft length: first drafted tokens tried / kept, and later ones tried (their
+    predecessor was kept) / kept. Floats: the engine-wide pool decays (POOL_DECAY per drafted token)."""
+
+    first_tried: float = 0.0
+    first_kept: float = 0.0
+    next_tried: float = 0.0
+    next_kept: float = 0.0
+
+    def add(self, drafted: int, kept: int, decay: float = 1.0) -> None:
+        d = decay ** drafted
+        self.first_tried = self.first_tried * d + 1
+        self.first_kept = self.first_kept * d + (kept > 0)
+        self.next_tried = self.next_tried * d + min(kept, drafted - 1)
+        self.next_kept = self.next_kept * d + max(kept - 1, 0)
+
+    def rates(self, prior: tuple[float, float] = (0.5, 0.5)) -> tuple[float, float]:
+        """(a, b) with PRIOR_DRAFTS pseudo-drafts at the prior's rates."""
+        return ((self.first_kept + PRIOR_DRAFTS * prior[0]) / (self.first_tried + PRIOR_DRAFTS),
+                (self.next_kept + PRIOR_DRAFTS * prior[1]) / (self.next_tried + PRIOR_DRAFTS))
+
+
+def draft_length(a: float, b: float, rows: int) -> int:
+    """The adaptive draft length (see ENTRY_COST) in a step of `rows` requests, the first drafted token kept with
+    probability a, each next one (after a kept one) with b: the largest j <= K_MAX with
+    a b^(j-1) (1 + ENTRY_COST (rows - 1)) / rows > ENTRY_COST."""
+    value = (1 + ENTRY_COST * (rows - 1)) / rows  # a token's share of a plain step, in one-row steps
+    n, p = 0, a
+    while n < K_MAX and p * value > ENTRY_COST:
+        n, p = n + 1, p * b
+    return n
+
+
 # ---------------------------------------------------------------------------------------------- the rule
 def residual(p: torch.Tensor, q: torch.Tensor | None, d: int) -> torch.Tensor:
     """Where to resample after drafted token d is rejected: norm(max(0, p - q)); q None = point mass on d."""
@@ -270,7 +318,10 @@ def speculative_tokens(g: Generator, spec: Speculator, prompt_ids: list[int], p:
     t0 = time.perf_counter()
     t_first: float | None = None
     stats.finish_reason = "length"
-    k = spec.k or K_START
+    # adaptive lookup alone: drafts as long as their match allows (one row is cheap next to a step; session 15's K
+    # sweep: grounded K = 16 1.42-1.50x, adaptive by kept shares 1.36x, by K steps 1.34x)
+    lookup_alone = spec.k is None and isinstance(spec.drafter, LookupDrafter)
+    k = K_MAX if lookup_alone else spec.k or K_START
     context = list(prompt_ids)
     try:
         with torch.inference_mode():
@@ -300,7 +351,7 @@ def speculative_tokens(g: Generator, spec: Speculator, prompt_ids: list[int], p:
                 stats.rounds += 1
                 stats.drafted += len(drafts)
                 stats.accepted += kept
-                if spec.k is None:
+                if spec.k is None and not lookup_alone:
                     i = K_STEPS.index(k)
                     if kept == len(drafts) == k:
                         k = K_STEPS[min(i + 1, len(K_STEPS) - 1)]

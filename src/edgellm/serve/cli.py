@@ -27,9 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, the physical cores)")
     p.add_argument("--model-id", default=None, help="the model name clients send (default: the file/folder name)")
     p.add_argument("--speculative", choices=["lookup"], default=None,
-                   help="lookup: each request drafts from n-grams of its own prompt and answer; the drafts are "
+                   help="lookup: each request drafts from its own prompt and answer; the drafts are "
                         "verified in the batched step (same answers, fewer steps when the answer copies its input)")
-    p.add_argument("--draft-k", type=int, default=None, help="tokens per draft, 1..16; default adaptive: per request and batch size")
+    p.add_argument("--draft-k", type=int, default=None,
+                   help="tokens per draft, 1..16; default adaptive: per request and batch size")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 

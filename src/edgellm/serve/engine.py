@@ -49,23 +49,12 @@ from ..generate import SamplingParams, apply_repetition_penalty, filter_logits
 from ..kernels.blocklinear import BlockQLinear
 from ..model import KVCache, Transformer
 from ..native_step import NativeStep
-from ..speculative import K_MAX, LookupDrafter, check_k
+from ..speculative import POOL_DECAY, PRIOR_DRAFTS, DraftStats, LookupDrafter, check_k, draft_length
 from ..tokenizer import Tokenizer
 from .grammar import Matcher
 from .metrics import Metrics
 
 PREFILL_CHUNK = 64  # positions per prefill call; also the granularity of prefix reuse
-# Adaptive draft length (speculative="lookup", no fixed K): an entry of the batched step costs about ENTRY_COST of a
-# one-row step whatever the batch (default model, AMX path: 1 entry 4.4-5.2 ms, 8 entries 10-11.5 ms: 0.17-0.19), so a
-# step of R rows costs 1 + ENTRY_COST (R - 1) for R tokens. A request's drafted tokens are kept with probability
-# a (the first) and a b^(j-1) (the j-th: b is the chance that a kept token's successor is kept too; copies come in
-# runs, so b > a); both are the request's own shares, starting from all requests' recent shares (worth PRIOR_DRAFTS
-# drafts of its own). The j-th token is drafted while its expected value pays for its entry:
-# a b^(j-1) (1 + ENTRY_COST (R - 1)) / R > ENTRY_COST. One stream drafts freely; a full batch only likely copies
-# (a request's first PRIOR_DRAFTS drafts are at least one token, else a full batch would never learn that).
-ENTRY_COST = 0.2
-PRIOR_DRAFTS = 4
-POOL_DECAY = 0.99  # per drafted token: the engine-wide shares follow the recent requests
 # entries (rows + drafted tokens) in one batched step: below BlockQLinear.DENSE_FROM_ROWS, so every product stays
 # on the per-row int8 kernel (a larger step would take dense GEMMs and round unlike a plain step)
 STEP_ENTRIES = BlockQLinear.DENSE_FROM_ROWS - 1
@@ -127,40 +116,6 @@ class Sequence:
     @property
     def prefilling(self) -> bool:
         return self.pos < len(self.req.prompt_ids)
-
-
-@dataclass
-class DraftStats:
-    """Kept drafts, for the adaptive draft length: first drafted tokens tried / kept, and later ones tried (their
-    predecessor was kept) / kept. Floats: the engine-wide pool decays (POOL_DECAY per drafted token)."""
-
-    first_tried: float = 0.0
-    first_kept: float = 0.0
-    next_tried: float = 0.0
-    next_kept: float = 0.0
-
-    def add(self, drafted: int, kept: int, decay: float = 1.0) -> None:
-        d = decay ** drafted
-        self.first_tried = self.first_tried * d + 1
-        self.first_kept = self.first_kept * d + (kept > 0)
-        self.next_tried = self.next_tried * d + min(kept, drafted - 1)
-        self.next_kept = self.next_kept * d + max(kept - 1, 0)
-
-    def rates(self, prior: tuple[float, float] = (0.5, 0.5)) -> tuple[float, float]:
-        """(a, b) with PRIOR_DRAFTS pseudo-drafts at the prior's rates."""
-        return ((self.first_kept + PRIOR_DRAFTS * prior[0]) / (self.first_tried + PRIOR_DRAFTS),
-                (self.next_kept + PRIOR_DRAFTS * prior[1]) / (self.next_tried + PRIOR_DRAFTS))
-
-
-def draft_length(a: float, b: float, rows: int) -> int:
-    """The adaptive draft length (see ENTRY_COST) in a step of `rows` requests, the first drafted token kept with
-    probability a, each next one (after a kept one) with b: the largest j <= K_MAX with
-    a b^(j-1) (1 + ENTRY_COST (rows - 1)) / rows > ENTRY_COST."""
-    value = (1 + ENTRY_COST * (rows - 1)) / rows  # a token's share of a plain step, in one-row steps
-    n, p = 0, a
-    while n < K_MAX and p * value > ENTRY_COST:
-        n, p = n + 1, p * b
-    return n
 
 
 class Engine:
