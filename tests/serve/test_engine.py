@@ -226,8 +226,7 @@ def test_lookup_drafts_stay_inside_the_context_and_the_step(default_gguf):
 def test_adaptive_draft_length_follows_acceptance_and_batch():
     """A drafted entry costs about a row: drafts get shorter as the batch grows and as acceptance falls; a full batch
     drafts only likely copies; one request drafts on the prior alone. The kept-draft statistics behind it."""
-    from edgellm.serve.engine import DraftStats, draft_length
-    from edgellm.speculative import K_MAX
+    from edgellm.speculative import K_MAX, DraftStats, draft_length
 
     assert draft_length(0.5, 0.5, 1) >= 1                  # the prior drafts when alone
     assert draft_length(0.5, 0.9, 8) == 0                  # first tokens kept half the time: not worth a row at 8
