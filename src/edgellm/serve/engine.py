@@ -297,9 +297,8 @@ class Engine:
     def _drafts(self, seqs: list[Sequence]) -> list[list[int]]:
         """Each sequence's drafted tokens: none without speculation or while a request's prompt is being prefilled
         (a longer step delays its first token; requests queued for a row gain from rows that finish sooner), else
-        lookup drafts of the fixed K or the adaptive length (draft_length), within the
-        step's entry budget (best acceptance first), the cache row's length and the tokens the request may still
-        generate."""
+        lookup drafts of the fixed K or the adaptive length (draft_length), within the step's entry budget (best
+        acceptance first), the cache row's length and the tokens the request may still generate."""
         drafts: list[list[int]] = [[] for _ in seqs]
         if self.speculative is None or len(seqs) < len(self.running):
             return drafts  # a prompt is being prefilled: drafted entries would only delay its first token

@@ -455,6 +455,24 @@ static int64_t plan(job_t *jobs, int64_t n_jobs, int64_t G, int64_t D, int64_t *
     return items;
 }
 
+/* plan() and run_jobs() over a team of at most `threads`: 0, or 2 when out of memory or a job failed */
+static int run_all(int bf16, const void *q, const void *k, const void *v, void *out, job_t *jobs, int64_t n_jobs,
+                   int64_t G, int64_t D, float scale, int threads) {
+    int64_t *item_job = NULL;
+    float *parts = NULL;
+    const int64_t items = plan(jobs, n_jobs, G, D, &item_job, &parts);
+    int failed = items < 0;
+    if (threads < 1) threads = 1;
+    if (threads > items) threads = (int)(items > 0 ? items : 1);
+    if (!failed) {
+#pragma omp parallel num_threads(threads)
+        run_jobs(bf16, q, k, v, out, jobs, n_jobs, items, item_job, parts, G, D, scale, &failed);
+    }
+    free(item_job);
+    free(parts);
+    return failed ? 2 : 0;
+}
+
 int edgellm_decode_attention(int bf16, const void *q, const void *k, const void *v, void *out,
                              const int64_t *rows, const int64_t *lo, const int64_t *hi,
                              int64_t B, int64_t H, int64_t Hkv, int64_t S, int64_t D, float scale, int threads) {
@@ -469,20 +487,9 @@ int edgellm_decode_attention(int bf16, const void *q, const void *k, const void 
         /* key lo[b] of (row, kv head) is row (rows[b] * Hkv + hk) * S + lo[b] of (P*Hkv*S, D) */
         jobs[n] = (job_t){b * H + hk * G, (rows[b] * Hkv + hk) * S + lo[b], hi[b] - lo[b] + 1, 1, 0, NULL};
     }
-    int64_t *item_job = NULL;
-    float *parts = NULL;
-    const int64_t items = plan(jobs, n_jobs, G, D, &item_job, &parts);
-    int failed = items < 0;
-    if (threads < 1) threads = 1;
-    if (threads > items) threads = (int)(items > 0 ? items : 1);
-    if (!failed) {
-#pragma omp parallel num_threads(threads)
-        run_jobs(bf16, q, k, v, out, jobs, n_jobs, items, item_job, parts, G, D, scale, &failed);
-    }
-    free(item_job);
-    free(parts);
+    const int rc = run_all(bf16, q, k, v, out, jobs, n_jobs, G, D, scale, threads);
     free(jobs);
-    return failed ? 2 : 0;
+    return rc;
 }
 
 int edgellm_cache_attention(int bf16, const void *q, const void *k, const void *v, void *out,
@@ -517,18 +524,8 @@ int edgellm_cache_attention(int bf16, const void *q, const void *k, const void *
         const int64_t b = n / (T * Hkv), t = n / Hkv % T, hk = n % Hkv;
         jobs[n] = (job_t){(b * T + t) * H + hk * G, (b * Hkv + hk) * S, count[t], 1, 0, slots + t * S};
     }
-    int64_t *item_job = NULL;
-    float *parts = NULL;
-    const int64_t items = failed ? 0 : plan(jobs, n_jobs, G, D, &item_job, &parts);
-    failed |= items < 0;
-    if (threads > items) threads = (int)(items > 0 ? items : 1);
-    if (!failed) {
-#pragma omp parallel num_threads(threads)
-        run_jobs(bf16, q, k, v, out, jobs, n_jobs, items, item_job, parts, G, D, scale, &failed);
-    }
-    free(item_job);
-    free(parts);
+    const int rc = failed ? 2 : run_all(bf16, q, k, v, out, jobs, n_jobs, G, D, scale, threads);
     free(jobs);
     free(slots);
-    return failed ? 2 : 0;
+    return rc;
 }
