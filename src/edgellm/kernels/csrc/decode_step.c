@@ -95,9 +95,17 @@ static int linear(qmatmul_t qmatmul, const int64_t *lin, const int64_t *dims, co
     return 0;
 }
 
-/* x += y, rounded */
+/* x += y, rounded (one loop per dtype: the compiler vectorizes them) */
 static void residual_add(int bf16, void *x, const void *y, int64_t n) {
-    for (int64_t i = 0; i < n; i++) store(bf16, x, i, load(bf16, x, i) + load(bf16, y, i));
+    if (bf16) {
+        uint16_t *xb = (uint16_t *)x;
+        const uint16_t *yb = (const uint16_t *)y;
+        for (int64_t i = 0; i < n; i++) xb[i] = to_bf16(from_bf16(xb[i]) + from_bf16(yb[i]));
+    } else {
+        float *xf = (float *)x;
+        const float *yf = (const float *)y;
+        for (int64_t i = 0; i < n; i++) xf[i] += yf[i];
+    }
 }
 
 /* RoPE on one head (HF's half split, model.apply_rope): out = x * cos + rotate_half(x) * sin_signed, each product
@@ -105,11 +113,19 @@ static void residual_add(int bf16, void *x, const void *y, int64_t n) {
 static void rope_head(int bf16, const void *x, int64_t xi, const void *cos, const void *sin, int64_t ti, int64_t D,
                       void *out, int64_t oi) {
     const int64_t h = D / 2;
-    for (int64_t d = 0; d < D; d++) {
-        const float xd = load(bf16, x, xi + d), xr = load(bf16, x, xi + (d < h ? d + h : d - h));
-        const float a = rnd(bf16, xd * load(bf16, cos, ti + d));
-        const float b = rnd(bf16, xr * load(bf16, sin, ti + d));
-        store(bf16, out, oi + d, a + b);
+    if (bf16) { /* each half a loop of its own, per dtype: the compiler vectorizes them (the scalar loop was ~15 %
+                 * of an 8-row batched step) */
+        const uint16_t *xb = (const uint16_t *)x + xi, *cb = (const uint16_t *)cos + ti, *sb = (const uint16_t *)sin + ti;
+        uint16_t *ob = (uint16_t *)out + oi;
+        for (int64_t d = 0; d < h; d++)
+            ob[d] = to_bf16(rnd(1, from_bf16(xb[d]) * from_bf16(cb[d])) + rnd(1, from_bf16(xb[d + h]) * from_bf16(sb[d])));
+        for (int64_t d = h; d < D; d++)
+            ob[d] = to_bf16(rnd(1, from_bf16(xb[d]) * from_bf16(cb[d])) + rnd(1, from_bf16(xb[d - h]) * from_bf16(sb[d])));
+    } else {
+        const float *xf = (const float *)x + xi, *cf = (const float *)cos + ti, *sf = (const float *)sin + ti;
+        float *of = (float *)out + oi;
+        for (int64_t d = 0; d < h; d++) of[d] = xf[d] * cf[d] + xf[d + h] * sf[d];
+        for (int64_t d = h; d < D; d++) of[d] = xf[d] * cf[d] + xf[d - h] * sf[d];
     }
 }
 
