@@ -1,8 +1,9 @@
 """The decode/verify attention kernel (`kernels/cache_attention.py`, csrc/decode_attention.c): against an fp32
 reference on every code path (head dims 64/128: the register-blocked AVX2 path; 96 and 32: the general AVX2 path;
 12: plain C), per-query results independent of T and of the other queries (bit for bit), long key lists split into
-chunks (independent of threads, equal in the batched-rows entry point), and the model's verify step equal to T decode
-steps bit for bit on every tiny architecture in fp32 and bf16."""
+chunks (independent of threads, equal in the batched-rows entry point), the AVX2 and AVX-512 loops of head dims
+that are multiples of 64 alike, and the model's verify step equal to T decode steps bit for bit on every tiny
+architecture in fp32 and bf16."""
 
 from __future__ import annotations
 
@@ -97,6 +98,49 @@ def test_long_key_lists_split_into_chunks(dtype, tol, D) -> None:
         batched = rows(q[0, t:t + 1].contiguous(), k, v, [0], [0], [int(pos[t])])
         assert torch.equal(batched[0], got[0, t]), t
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def loops(request):
+    """The library's loops for head dims that are multiples of 64: AVX2 (0) or AVX-512 (1; skipped without it),
+    restored to what EDGELLM_ISA and the CPU choose afterwards."""
+    from edgellm.kernels import cpu
+
+    lib = native.decode_attention_library()[0]
+    if request.param and not cpu.has("avx512_vnni"):
+        pytest.skip("this CPU (or EDGELLM_ISA) has no AVX-512")
+    lib.edgellm_attention_use_avx512(request.param)
+    assert lib.edgellm_attention_avx512() == request.param
+    yield request.param
+    lib.edgellm_attention_use_avx512(int(cpu.has("avx512_vnni")))
+
+
+def test_the_loops_follow_the_cpu_and_edgellm_isa() -> None:
+    from edgellm.kernels import cpu
+
+    assert native.decode_attention_library()[0].edgellm_attention_avx512() == int(cpu.has("avx512_vnni"))
+
+
+@pytest.mark.parametrize("loops", [0, 1], indirect=True, ids=["avx2", "avx512"])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.bfloat16, 0.02)])
+@pytest.mark.parametrize("D", [64, 128])
+def test_both_loop_sets_match_the_reference_and_keep_queries_independent(loops, dtype, tol, D) -> None:
+    """Short and chunked key lists (3 to 600 keys; prefetches run past no list's end) against the reference; one
+    query alone and in the batched-rows entry point give the bits it gets among the others."""
+    g = torch.Generator().manual_seed(D + 7)
+    S, H, Hkv = 700, 9, 3
+    k, v = (torch.randn(2, 1, Hkv, S, D, generator=g) * 2).to(dtype)
+    pos = torch.tensor([2, 9, 100, KEY_CHUNK + 3, 599])
+    q = (torch.randn(1, len(pos), H, D, generator=g) * 2).to(dtype)
+    slot_pos = torch.arange(S)
+    got = cache_attention.cache_attention(q, k, v, slot_pos, pos, 0)
+    torch.testing.assert_close(got.float(), cache_attention.reference(q, k, v, slot_pos, pos, 0, D ** -0.5).float(),
+                               atol=tol, rtol=tol)
+    rows = native.decode_attention()
+    for t in range(len(pos)):
+        alone = cache_attention.cache_attention(q[:, t:t + 1].contiguous(), k, v, slot_pos, pos[t:t + 1], 0)
+        assert torch.equal(alone[0, 0], got[0, t]), t
+        assert torch.equal(rows(q[0, t:t + 1].contiguous(), k, v, [0], [0], [int(pos[t])])[0], got[0, t]), t
 
 
 class RowwiseLinear(torch.nn.Module):

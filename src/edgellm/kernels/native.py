@@ -416,8 +416,13 @@ def _decode_attention_self_check(attend: DecodeAttention) -> bool:
 
 @functools.cache
 def decode_attention_library() -> tuple[ctypes.CDLL, bool] | None:
-    """csrc/decode_attention.c with its torch operator (kernels/cache_attention.py), as `load_torch_op` gives it."""
-    return load_torch_op("decode_attention")
+    """csrc/decode_attention.c with its torch operator (kernels/cache_attention.py), as `load_torch_op` gives it;
+    its AVX-512 loops switched on where this CPU has them and EDGELLM_ISA allows them (every entry point of the
+    library, ctypes and operator alike, then takes the same loops)."""
+    loaded = load_torch_op("decode_attention")
+    if loaded is not None and hasattr(loaded[0], "edgellm_attention_use_avx512"):
+        loaded[0].edgellm_attention_use_avx512(ctypes.c_int(int(cpu.has("avx512_vnni"))))
+    return loaded
 
 
 @functools.cache
