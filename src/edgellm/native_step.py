@@ -190,10 +190,9 @@ class NativeStep:
 
     def prefill_rows(self) -> int:
         """Prompt chunks shorter than this run in C (`prefill`): the sizes at which the eager forward's products
-        also take the int8 kernel (BlockQLinear.dense_from_rows: AVX512-VNNI CPUs, below 96 rows with AMX), so only
-        the ~15 ms of eager glue per call goes. Elsewhere (AVX2: dense GEMMs from 32 rows) eager stays."""
-        lin = self.model.layers[0].self_attn.qkv_proj
-        return lin.dense_from_rows if lin.isa == 2 else 0
+        also take the int8 kernel (BlockQLinear.dense_from_rows: every kernel, below 96 rows with AMX), so only
+        the ~15 ms of eager glue per call goes."""
+        return self.model.layers[0].self_attn.qkv_proj.dense_from_rows
 
     def prefill(self, tokens: torch.Tensor, start: int) -> torch.Tensor | None:
         """A prompt chunk (1, T) at positions start.. through the verify step (each token's keys/values and logits

@@ -38,16 +38,18 @@ class BlockWeight:
 
 def dense_from_rows(isa: int) -> int:
     """Input rows from which dequantizing + torch's dense GEMM beats the int8 kernel `isa` (docs/PERFORMANCE.md,
-    session 13): AVX2 and AVX-VNNI 32; AVX512-VNNI (16-row layout) 96 where oneDNN has AMX tiles for the GEMM,
-    and never without them (the kernel does ~500 int8 GOP/s on 2 cores against ~180-370 GFLOP/s of AVX-512
-    bf16 GEMM), so there prefill runs the kernel too."""
+    sessions 13 and 16): AVX512-VNNI (16-row layout) 96 where oneDNN has AMX tiles for the GEMM, never without
+    them (the kernel does ~500 int8 GOP/s on 2 cores against ~180-370 GFLOP/s of AVX-512 bf16 GEMM); AVX2 and
+    AVX-VNNI never either: their multi-row products (~230 int8 GOP/s on 2 Zen 5 cores) beat the fp32 GEMM those
+    CPUs have (~170 GFLOP/s there, its AVX2 peak) at every row count measured, 32 to 512 (0.55 / 0.68 / 0.74x the
+    dense time). The dense path stays for training (forward_exact) and for CPUs without the kernel."""
     if isa == 2:
         return 96 if cpu.has("amx") else 1 << 62
-    return BlockQLinear.DENSE_FROM_ROWS
+    return 1 << 62
 
 
 class BlockQLinear(nn.Module):
-    DENSE_FROM_ROWS = 32      # AVX2: from this many input rows, dequantize + dense GEMM beats the int8 kernel
+    DENSE_FROM_ROWS = 32      # decode and verify steps stay below this many rows (entries) on every kernel
     dense_chunk_elems = 1 << 22  # weight elements dequantized at once on that path
 
     def __init__(self, weight: BlockWeight, bias: torch.Tensor | None = None) -> None:

@@ -139,7 +139,8 @@ def paths(dtype: str | None = None) -> dict[str, str]:
            None: "torch (dequantize + matmul)"}[isa]
     dense = f"dequantize a block of rows to {act}, then torch's {act} GEMM"
     prefill = (f"the int8 kernel for short inputs, else {dense} (AMX)" if isa == 2 and has("amx") else
-               "the int8 kernel, AVX512-VNNI (activations quantized to int8 per 32)" if isa == 2 else dense)
+               f"the int8 kernel, {dot[len('C int8 dot, '):]} (activations quantized to int8 per 32)" if isa is not None
+               else dense)
     return {
         "activations": f"{act} ({'native bf16' if native_bf16() else 'no native bf16: fp32'} by --dtype auto)",
         "4/8-bit decode": dot + " (activations quantized to int8 per 32)",
