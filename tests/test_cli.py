@@ -21,6 +21,7 @@ import edgellm
 import edgellm.api
 import edgellm.cli
 from edgellm.cli import DEMO_PROMPTS, TIMING_HEADERS, main
+from edgellm.kernels import cpu
 
 PROMPT = "the quick brown fox"
 JSON_KEYS = {"text", "prompt_tokens", "new_tokens", "total_s", "prefill_ms", "time_per_token_ms", "tokens_per_s"}
@@ -193,7 +194,8 @@ def test_default_model_answers(capsys: pytest.CaptureFixture[str], captured_llms
     assert "Paris" in obj["text"]
     assert JSON_KEYS <= set(obj) and obj["finish_reason"] in ("eos", "length")
     llm = captured_llms[0]
-    assert llm.loaded.format == "gguf" and llm.dtype == torch.bfloat16
+    auto = torch.bfloat16 if cpu.native_bf16() else torch.float32  # --dtype auto: fp32 on AVX2 CPUs
+    assert llm.loaded.format == "gguf" and llm.dtype == auto
     assert obj["prompt_tokens"] == len(llm.chat_prompt_ids([{"role": "user", "content": question}]))
 
 
