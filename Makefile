@@ -28,15 +28,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/edgellm demo
 
-# The suite, then the kernel, parity and generation tests again on the AVX2 path (what most laptops run),
-# forced on any x86-64 CPU: our kernels' AVX2 variants, fp32 activations, torch's AVX2 kernels.
-AVX2_TESTS := tests/kernels tests/loading/test_gguf.py tests/test_model_parity.py tests/test_generate.py \
-              tests/test_default_model.py tests/test_speculative.py tests/serve/test_engine.py \
-              tests/test_native_step.py
+# The suite, then the whole suite again on the AVX2 path (what most laptops run), forced on any x86-64 CPU: our
+# kernels' AVX2 variants, fp32 activations (--dtype auto without native bf16), torch's AVX2 kernels. A subset
+# missed tests that assumed this machine's CPU (session 16); the second pass takes ~14 min on 2 cores.
 test: $(TSTAMP)
 	$(PYTHON) -m ruff check src tests
 	$(PYTHON) -m pytest -q
-	EDGELLM_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PYTHON) -m pytest -q $(AVX2_TESTS)
+	EDGELLM_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PYTHON) -m pytest -q
 
 clean:
 	rm -rf $(VENV)
