@@ -194,7 +194,7 @@ def test_default_model_answers(capsys: pytest.CaptureFixture[str], captured_llms
     assert "Paris" in obj["text"]
     assert JSON_KEYS <= set(obj) and obj["finish_reason"] in ("eos", "length")
     llm = captured_llms[0]
-    auto = torch.bfloat16 if cpu.native_bf16() else torch.float32  # --dtype auto: fp32 on AVX2 CPUs
+    auto = {"bf16": torch.bfloat16, "fp32": torch.float32}[cpu.auto_dtype()]  # fp32 on AVX2 CPUs
     assert llm.loaded.format == "gguf" and llm.dtype == auto
     assert obj["prompt_tokens"] == len(llm.chat_prompt_ids([{"role": "user", "content": question}]))
 

@@ -74,16 +74,17 @@ def test_softmax_handles_large_score_gaps() -> None:
 @pytest.fixture
 def loops(request):
     """The library's loops for head dims that are multiples of 64: AVX2 (0) or AVX-512 (1; skipped without it),
-    restored to what EDGELLM_ISA and the CPU choose afterwards."""
+    restored to the library's choice afterwards."""
     from edgellm.kernels import cpu
 
     lib = native.decode_attention_library()[0]
     if request.param and not cpu.has("avx512_vnni"):
         pytest.skip("this CPU (or EDGELLM_ISA) has no AVX-512")
+    before = lib.edgellm_attention_avx512()
     lib.edgellm_attention_use_avx512(request.param)
     assert lib.edgellm_attention_avx512() == request.param
     yield request.param
-    lib.edgellm_attention_use_avx512(int(cpu.has("avx512_vnni")))
+    lib.edgellm_attention_use_avx512(before)
 
 
 def test_the_loops_follow_the_cpu_and_edgellm_isa() -> None:

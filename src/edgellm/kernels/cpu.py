@@ -135,12 +135,11 @@ def paths(dtype: str | None = None) -> dict[str, str]:
     """Which implementation each operation takes on this CPU (for `edgellm info` and bench notes)."""
     act = dtype or auto_dtype()
     isa = int8_dot_isa()
-    dot = {2: "C int8 dot, AVX512-VNNI", 1: "C int8 dot, AVX-VNNI", 0: "C int8 dot, AVX2 maddubs",
-           None: "torch (dequantize + matmul)"}[isa]
+    kernel = {2: "AVX512-VNNI", 1: "AVX-VNNI", 0: "AVX2 maddubs"}.get(isa)  # None: no C kernel here
+    dot = f"C int8 dot, {kernel}" if kernel else "torch (dequantize + matmul)"
     dense = f"dequantize a block of rows to {act}, then torch's {act} GEMM"
     prefill = (f"the int8 kernel for short inputs, else {dense} (AMX)" if isa == 2 and has("amx") else
-               f"the int8 kernel, {dot[len('C int8 dot, '):]} (activations quantized to int8 per 32)" if isa is not None
-               else dense)
+               f"the int8 kernel, {kernel} (activations quantized to int8 per 32)" if kernel else dense)
     return {
         "activations": f"{act} ({'native bf16' if native_bf16() else 'no native bf16: fp32'} by --dtype auto)",
         "4/8-bit decode": dot + " (activations quantized to int8 per 32)",

@@ -420,7 +420,7 @@ def decode_attention_library() -> tuple[ctypes.CDLL, bool] | None:
     its AVX-512 loops switched on where this CPU has them and EDGELLM_ISA allows them (every entry point of the
     library, ctypes and operator alike, then takes the same loops)."""
     loaded = load_torch_op("decode_attention")
-    if loaded is not None and hasattr(loaded[0], "edgellm_attention_use_avx512"):
+    if loaded is not None:
         loaded[0].edgellm_attention_use_avx512(ctypes.c_int(int(cpu.has("avx512_vnni"))))
     return loaded
 
