@@ -31,10 +31,17 @@ demo: $(STAMP)
 # The suite, then the whole suite again on the AVX2 path (what most laptops run), forced on any x86-64 CPU: our
 # kernels' AVX2 variants, fp32 activations (--dtype auto without native bf16), torch's AVX2 kernels. A subset
 # missed tests that assumed this machine's CPU (session 16); the second pass takes ~14 min on 2 cores.
+# A crash (abort, segfault) leaves the running test and every thread's stack in CRASH_LOG (tests/conftest.py),
+# printed last without pytest's own frames: CI shows only the end of the output.
+CRASH_LOG  := $(VENV)/pytest-crash.log
+PYTEST     := EDGELLM_CRASH_LOG=$(CRASH_LOG) $(PYTHON) -m pytest -q -p no:faulthandler
+SHOW_CRASH := { rc=$$?; if grep -q "Fatal Python error" $(CRASH_LOG) 2>/dev/null; then \
+	grep -v -e "/_pytest/" -e "/pluggy/" -e "^Extension modules" $(CRASH_LOG) | head -c 8000; fi; exit $$rc; }
+
 test: $(TSTAMP)
 	$(PYTHON) -m ruff check src tests
-	$(PYTHON) -m pytest -q
-	EDGELLM_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PYTHON) -m pytest -q
+	$(PYTEST) || $(SHOW_CRASH)
+	EDGELLM_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PYTEST) || $(SHOW_CRASH)
 
 clean:
 	rm -rf $(VENV)

@@ -3,6 +3,7 @@ default model (loaded once per session)."""
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 from pathlib import Path
@@ -12,6 +13,29 @@ import torch
 
 # CLI verbs default to the compiled decode step; tests run eager unless they ask for --compile.
 os.environ.setdefault("EDGELLM_COMPILE", "0")
+
+_crash_log = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With EDGELLM_CRASH_LOG set (make test, with pytest's own faulthandler off), a crash (abort, segfault)
+    writes the running test's id and every thread's stack to that file, which make test then prints last. Why:
+    CI shows only the end of the output, where pytest's dump is its own frames and the list of loaded extension
+    modules; the test that crashed and its frames were cut off (session 16's CI: "Fatal Python error: Aborted")."""
+    global _crash_log
+    path = os.environ.get("EDGELLM_CRASH_LOG")
+    if path and _crash_log is None:
+        _crash_log = open(path, "w")  # open for the whole run: faulthandler writes to its fd
+        faulthandler.enable(file=_crash_log, all_threads=True)
+
+
+def pytest_runtest_logstart(nodeid: str, location: tuple) -> None:
+    if _crash_log is not None:  # the file holds the running test's id; a crash's dump follows it
+        _crash_log.seek(0)
+        _crash_log.truncate()
+        _crash_log.write(f"pytest was running {nodeid}\n")
+        _crash_log.flush()
+
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 
