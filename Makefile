@@ -28,9 +28,6 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/edgellm demo
 
-# The suite, then the whole suite again on the AVX2 path (what most laptops run), forced on any x86-64 CPU: our
-# kernels' AVX2 variants, fp32 activations (--dtype auto without native bf16), torch's AVX2 kernels. A subset
-# missed tests that assumed this machine's CPU (session 16); the second pass takes ~14 min on 2 cores.
 # A crash (abort, segfault) leaves the running test and every thread's stack in CRASH_LOG (tests/conftest.py),
 # printed last without pytest's own frames: CI shows only the end of the output.
 CRASH_LOG  := $(VENV)/pytest-crash.log
@@ -38,6 +35,9 @@ PYTEST     := EDGELLM_CRASH_LOG=$(CRASH_LOG) $(PYTHON) -m pytest -q -p no:faulth
 SHOW_CRASH := { rc=$$?; if grep -q "Fatal Python error" $(CRASH_LOG) 2>/dev/null; then \
 	grep -v -e "/_pytest/" -e "/pluggy/" -e "^Extension modules" $(CRASH_LOG) | head -c 8000; fi; exit $$rc; }
 
+# The suite, then the whole suite again on the AVX2 path (what most laptops run), forced on any x86-64 CPU: our
+# kernels' AVX2 variants, fp32 activations (--dtype auto without native bf16), torch's AVX2 kernels. A subset
+# missed tests that assumed this machine's CPU (session 16); the second pass takes ~14-23 min on 2 cores.
 test: $(TSTAMP)
 	$(PYTHON) -m ruff check src tests
 	$(PYTEST) || $(SHOW_CRASH)
